@@ -1,0 +1,19 @@
+// The schemas of every ddpm_fast op, in one place. Each backend registers its kernels for these
+// names with TORCH_LIBRARY_IMPL in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; the fake (meta)
+// implementations used by torch.compile and CUDA-graph capture live beside the op's Python
+// wrapper in ddpm_fast/ops/<op>.py; the pure-PyTorch definition lives in ddpm_fast/reference.
+#include <torch/library.h>
+
+TORCH_LIBRARY(ddpm_fast, m) {
+  // AdaGN: GroupNorm(x) [* weight + bias] [* (1 + scale) + shift] [-> SiLU]; x (N, C, *spatial),
+  // weight/bias (C,), scale/shift (N, C). Statistics and arithmetic in fp32, output in x's dtype.
+  m.def(
+      "group_norm_scale_shift(Tensor x, int num_groups, Tensor? weight, Tensor? bias, "
+      "Tensor? scale, Tensor? shift, float eps, bool silu) -> Tensor");
+  // ADM self-attention on the qkv conv output: qkv (B, 3*C, T) -> (B, C, T).
+  // legacy=True: per head [q, k, v] blocks (QKVAttentionLegacy); False: [q | k | v] (QKVAttention).
+  m.def("attention(Tensor qkv, int num_heads, bool legacy) -> Tensor");
+  // One fused reverse diffusion step: see csrc/include/diffusion_step_math.h for the coefficient
+  // columns and option codes, ddpm_fast/ops/diffusion_step.py for the Python contract.
+  // DIFFUSION_STEP_SCHEMA
+}
