@@ -1,0 +1,76 @@
+"""Shared benchmark machinery: every fused path is timed by pytest-benchmark and its reference is
+timed in the same run, so `extra_info` holds the speedup t_ref / t_fused (a ratio, comparable
+across machines), the device, dtype and shape, and GB/s or TFLOP/s where meaningful."""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Pin the CPU thread count so runs are comparable.
+torch.set_num_threads(int(os.environ.get("DDPM_FAST_BENCH_THREADS", os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device: str = "cpu", *, warmup: int = 3, reps: int = 20) -> float:
+    """Median wall time of fn() in seconds (synchronised on CUDA)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@pytest.fixture
+def compare(benchmark):
+    """compare(fused, reference, device=..., dtype=..., shape=..., nbytes=None, flops=None) -> speedup.
+
+    Times `fused` with pytest-benchmark and `reference` with the same timer in the same run and
+    records both in benchmark.extra_info."""
+
+    def run(fused, ref, *, device: str, dtype, shape, nbytes: int | None = None,
+            flops: float | None = None, rounds: int = 20) -> float:
+        t_ref = median_time(ref, device, reps=rounds)
+
+        def timed():
+            fused()
+            _sync(device)
+
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=3, iterations=1)
+        t_fused = benchmark.stats.stats.median
+        info = benchmark.extra_info
+        info.update(device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+                    threads=torch.get_num_threads(), dtype=str(dtype).replace("torch.", ""),
+                    shape=list(shape), t_ref_s=t_ref, t_fused_s=t_fused, speedup=t_ref / t_fused)
+        if nbytes is not None:
+            info["GB/s"] = nbytes / t_fused / 1e9
+        if flops is not None:
+            info["TFLOP/s"] = flops / t_fused / 1e12
+        return t_ref / t_fused
+
+    return run
