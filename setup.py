@@ -41,10 +41,12 @@ class CMakeBuild(build_ext):
         ]
         if os.environ.get("DDPM_FAST_CPU_ONLY") == "1":
             args.append("-DDDPM_FAST_CPU_ONLY=ON")
-        generator = ["-G", "Ninja"] if _have_ninja() else []
-        subprocess.run(["cmake", "-S", str(ext.source_dir), "-B", str(build_dir), *generator, *args],
+        cmake = _tool("cmake")
+        ninja = _tool("ninja")
+        generator = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if _runs(ninja) else []
+        subprocess.run([cmake, "-S", str(ext.source_dir), "-B", str(build_dir), *generator, *args],
                        check=True)
-        build = ["cmake", "--build", str(build_dir), "--config", config]
+        build = [cmake, "--build", str(build_dir), "--config", config]
         jobs = os.environ.get("MAX_JOBS")
         if jobs:
             build += ["--parallel", jobs]
@@ -56,9 +58,22 @@ class CMakeBuild(build_ext):
             raise RuntimeError(f"CMake did not produce {built}")
 
 
-def _have_ninja() -> bool:
+def _tool(name: str) -> str:
+    """The cmake / ninja of the pip packages of the building Python (a system cmake may be too
+    old: torch's CMake config needs >= 3.26), else the one on PATH."""
     try:
-        subprocess.run(["ninja", "--version"], check=True, capture_output=True)
+        module = __import__(name)
+        path = Path(module.BIN_DIR if name == "ninja" else module.CMAKE_BIN_DIR) / name
+        if path.exists():
+            return str(path)
+    except (ImportError, AttributeError):
+        pass
+    return name
+
+
+def _runs(program: str) -> bool:
+    try:
+        subprocess.run([program, "--version"], check=True, capture_output=True)
         return True
     except (OSError, subprocess.CalledProcessError):
         return False
