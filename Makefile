@@ -30,13 +30,21 @@ test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install
-	$(PY) -m ddpm_fast.cli demo
+	$(PY) -m ddpm_fast.cli demo --out samples.npz --grid samples.png
 
+# The full suite: JSON + markdown table under benchmarks/results/<device>-<date>.*
+# (on a GPU machine build for its arch first, e.g. TORCH_CUDA_ARCH_LIST=9.0 make bench).
 bench: install
-	$(PY) -m pytest benchmarks -q
+	$(PY) -m ddpm_fast.benchreport run
 
+# CI variant: few rounds, small shapes; fails when a fused path is < 0.8x its reference.
 bench-quick: install
-	$(PY) -m pytest benchmarks -q
+	$(PY) -m ddpm_fast.benchreport run --quick --out-dir build/bench --min-speedup 0.8
+
+# pytest-benchmark's comparison against the last saved run of this machine.
+bench-compare: install
+	$(PY) -m pytest benchmarks -q --benchmark-autosave --benchmark-storage=file://build/bench-history \
+		--benchmark-compare --benchmark-columns=median,iqr
 
 clean:
 	rm -rf build dist *.egg-info ddpm_fast/_C*.so

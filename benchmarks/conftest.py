@@ -11,6 +11,8 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+# `make bench-quick` (CI): few rounds and the small shapes only (benchmarks read QUICK).
+QUICK = os.environ.get("DDPM_FAST_BENCH_QUICK") == "1"
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -55,13 +57,15 @@ def compare(benchmark):
 
     def run(fused, ref, *, device: str, dtype, shape, nbytes: int | None = None,
             flops: float | None = None, rounds: int = 20) -> float:
+        if QUICK:
+            rounds = min(rounds, 5)
         t_ref = median_time(ref, device, reps=rounds)
 
         def timed():
             fused()
             _sync(device)
 
-        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=3, iterations=1)
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1 if QUICK else 3, iterations=1)
         t_fused = benchmark.stats.stats.median
         info = benchmark.extra_info
         info.update(device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",

@@ -1,0 +1,145 @@
+"""The `ddpm-fast` command line.
+
+  ddpm-fast info                       backends, versions and the device
+  ddpm-fast sample [options]           sample a checkpoint (or the bundled digits model) to
+                                       guided-diffusion's npz format and a PNG grid
+  ddpm-fast demo                       the main job: 100 digits (10 per class), 250 DDPM steps
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _info(args) -> int:
+    import ddpm_fast
+
+    print(f"ddpm_fast {ddpm_fast.__version__}  torch {torch.__version__}  "
+          f"CUDA {torch.version.cuda or 'none'}")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton not installed")
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no GPU visible)"
+    print(f"device: {dev}; CPU threads: {torch.get_num_threads()}")
+    for name, status in ddpm_fast.backends().items():
+        print(f"  {name:7s} {status}")
+    return 0
+
+
+def _load_model(args):
+    """(model, description): from --checkpoint/--flags, else the bundled digits model."""
+    if args.checkpoint or args.flags:
+        from .flags import from_flags
+
+        if not args.flags:
+            raise SystemExit("--checkpoint needs --flags \"MODEL_FLAGS DIFFUSION_FLAGS\" describing it")
+        model, _ = from_flags(args.flags, checkpoint=args.checkpoint)
+        return model, f"{args.checkpoint or 'random weights'} ({args.flags})"
+    from .pretrained import load_pretrained
+
+    return load_pretrained("digits"), "bundled digits model"
+
+
+def _balanced_labels(num_samples: int, model) -> torch.Tensor | None:
+    """Global sample i gets label i mod K (K real classes), so every class is equally present."""
+    if getattr(model, "num_classes", None) is None:
+        return None
+    real = model.num_classes - (1 if getattr(model, "null_label", None) is not None else 0)
+    return torch.arange(num_samples) % real
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, *, num_samples: int, batch_size: int) -> None:
+    p.add_argument("--checkpoint", help="guided-diffusion checkpoint (.pt or .safetensors)")
+    p.add_argument("--flags", help="guided-diffusion MODEL_FLAGS + DIFFUSION_FLAGS of the checkpoint")
+    p.add_argument("--num-samples", type=int, default=num_samples)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--steps", default="250", help='respacing: "250", "ddim25", "10,15,20"')
+    p.add_argument("--skip", default=None, help="the seed's step skipping K (int) or 'quadratic'")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method", choices=("ddpm", "ddim"), default="ddpm")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1]")
+    p.add_argument("--noise", choices=("normal", "squared", "zero"), default="normal")
+    p.add_argument("--project-noise", choices=("pixel", "sample"), default=None)
+    p.add_argument("--no-clip-denoised", action="store_true")
+    p.add_argument("--clip", type=float, nargs=2, metavar=("LO", "HI"), default=None)
+    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-cuda-graph", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default="samples.npz", help="npz: arr_0 uint8 NHWC, arr_1 labels")
+    p.add_argument("--grid", default="samples.png", help="PNG grid of the samples ('' for none)")
+
+
+def _sample(args) -> int:
+    from .images import save_grid, to_images
+    from .sample import sample
+
+    if args.num_samples < 1:
+        raise SystemExit("--num-samples must be >= 1")
+    model, what = _load_model(args)
+    model = model.to(args.device).eval()
+    labels = _balanced_labels(args.num_samples, model)
+    skip = None if args.skip is None else (args.skip if args.skip == "quadratic" else int(args.skip))
+    steps = None if skip is not None else args.steps
+    print(f"sampling {args.num_samples} images from {what}: {args.method}, "
+          f"{'skip K=' + str(skip) if skip is not None else 'steps ' + str(steps)}, seed {args.seed}, "
+          f"device {args.device}", file=sys.stderr)
+    t0 = time.perf_counter()
+    x = sample(model, steps=steps, skip=skip, num_samples=args.num_samples, batch_size=args.batch_size,
+               class_labels=labels, method=args.method, eta=args.eta, noise=args.noise,
+               project_noise=args.project_noise, clip_denoised=not args.no_clip_denoised,
+               clip=args.clip, guidance_scale=args.guidance_scale, seed=args.seed,
+               progress=not args.no_progress, cuda_graph=not args.no_cuda_graph and "auto")
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    images = to_images(x)
+    arrays = {"arr_0": images}
+    if labels is not None:
+        arrays["arr_1"] = labels.numpy().astype(np.int64)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **arrays)
+    if args.grid:
+        if labels is not None:
+            order = torch.argsort(labels, stable=True)
+            classes = labels[order].unique_consecutive()
+            per_row = int(np.ceil(args.num_samples / len(classes)))
+            save_grid(x[order], args.grid, nrow=per_row, row_labels=[str(int(c)) for c in classes])
+        else:
+            save_grid(x, args.grid)
+    print(f"wrote {out} ({images.shape[0]} images {images.shape[1]}x{images.shape[2]}x{images.shape[3]} uint8"
+          f"{', labels' if labels is not None else ''})" + (f" and {args.grid}" if args.grid else ""))
+    print(f"sampling took {elapsed:.1f} s: {args.num_samples / elapsed:.2f} images/s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ddpm-fast", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="backends, versions and the device").set_defaults(func=_info)
+    p = sub.add_parser("sample", help="sample images to an npz and a PNG grid")
+    _add_sampling_args(p, num_samples=16, batch_size=16)
+    p.set_defaults(func=_sample)
+    p = sub.add_parser("demo", help="the main job: 100 digits from the bundled model, 250 DDPM steps")
+    _add_sampling_args(p, num_samples=100, batch_size=100)
+    p.set_defaults(func=_sample)
+    p = sub.add_parser("bench-report", help="benchmark suite: run it, tabulate results, speed gate",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: __import__("ddpm_fast.benchreport", fromlist=["main"]).main(a.rest))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

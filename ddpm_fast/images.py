@@ -1,0 +1,51 @@
+"""Turning samples in [-1, 1] into pictures: uint8 NHWC arrays, PIL images and labelled PNG grids."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def to_images(x: torch.Tensor, *, pil: bool = False):
+    """(B, C, H, W) float in [-1, 1] -> uint8 (B, H, W, C) numpy array (guided-diffusion's npz
+    convention), or a list of PIL images when pil=True."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a (B, C, H, W) tensor; got {getattr(x, 'shape', type(x))}")
+    arr = ((x.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    arr = arr.permute(0, 2, 3, 1).contiguous().numpy()
+    if not pil:
+        return arr
+    from PIL import Image
+
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
+
+
+def save_grid(x: torch.Tensor, path: str | Path, *, nrow: int | None = None, scale: int = 4,
+              row_labels: Sequence[str] | None = None, pad: int = 2) -> Path:
+    """Write the samples x (B, C, H, W) in [-1, 1] as one PNG grid, `nrow` images per row,
+    each enlarged `scale` times (nearest), with an optional text label left of each row."""
+    from PIL import Image, ImageDraw
+
+    imgs = to_images(x)
+    b, h, w, c = imgs.shape
+    nrow = nrow or int(np.ceil(np.sqrt(b)))
+    rows = int(np.ceil(b / nrow))
+    h2, w2 = h * scale, w * scale
+    label_w = 0 if row_labels is None else 8 + 7 * max(len(s) for s in row_labels)
+    mode = "L" if c == 1 else "RGB"
+    grid = Image.new(mode, (label_w + nrow * (w2 + pad) + pad, rows * (h2 + pad) + pad),
+                     color=255 if mode == "L" else (255, 255, 255))
+    for i, a in enumerate(imgs):
+        im = Image.fromarray(a[..., 0] if c == 1 else a).resize((w2, h2), Image.NEAREST)
+        r, col = divmod(i, nrow)
+        grid.paste(im, (label_w + pad + col * (w2 + pad), pad + r * (h2 + pad)))
+    if row_labels is not None:
+        draw = ImageDraw.Draw(grid)
+        for r, text in enumerate(row_labels[:rows]):
+            draw.text((4, pad + r * (h2 + pad) + h2 // 2 - 5), str(text), fill=0)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path

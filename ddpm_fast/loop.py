@@ -1,0 +1,117 @@
+"""The static reverse loop: written once, run eagerly or captured whole into a CUDA graph.
+
+All per-step values live in device tensors prepared before the loop (the plan): coefficient
+rows gathered from the float64 tables, the model's timesteps and the noise step ids. The loop
+itself performs no host synchronisation and no per-step Python arithmetic on schedule values,
+so torch.cuda.graph can record all of it (graphs.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import ops, philox
+from .step_layout import METHODS, NOISE_MODES, PROJECTIONS, code
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """Options of every reverse step (see ddpm_fast.reference.diffusion_step)."""
+
+    method: str = "ddpm"
+    prediction: str = "epsilon"
+    variance: str = "fixed_small"
+    clip_denoised: bool = True
+    noise_mode: str = "normal"
+    project_noise: str | None = None
+    clip: tuple[float, float] | None = None
+    eps_from_x0: bool = True
+    dynamic_threshold: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        code("method", self.method, METHODS)
+        code("noise", self.noise_mode, NOISE_MODES)
+        code("project_noise", self.project_noise, PROJECTIONS)
+        if self.clip is not None:
+            lo, hi = self.clip
+            if not lo < hi:
+                raise ValueError(f"clip must be (lo, hi) with lo < hi; got {self.clip!r}")
+
+    def step_kwargs(self) -> dict:
+        return dict(method=self.method, prediction=self.prediction, variance=self.variance,
+                    clip_denoised=self.clip_denoised, noise_mode=self.noise_mode,
+                    project_noise=self.project_noise, clip=self.clip, eps_from_x0=self.eps_from_x0,
+                    dynamic_threshold=self.dynamic_threshold)
+
+
+@dataclass
+class Plan:
+    """Everything the loop reads per step, on the sampling device.
+
+    coef: (S, NUM_COEFS) float32 rows of the step coefficients (step index s = 0 .. S-1);
+    t_model: (S,) the timesteps the model receives at each step index (original timesteps,
+    rescaled to 0..1000 when the diffusion says so); step_ids: (S,) int64 noise step ids.
+    The loop visits s = S-1 down to 0."""
+
+    coef: torch.Tensor
+    t_model: torch.Tensor
+    step_ids: torch.Tensor
+    options: StepOptions
+    num_steps: int = field(init=False)
+
+    def __post_init__(self):
+        self.num_steps = self.coef.shape[0]
+
+
+def make_plan(diffusion, options: StepOptions, eta: float, device: torch.device) -> Plan:
+    """Gather the (respaced) diffusion's float64 tables into float32 device tensors, once."""
+    s = diffusion.num_timesteps
+    index = torch.arange(s)
+    coef = torch.as_tensor(diffusion.coefficients(eta=eta)).to(device=device, dtype=torch.float32)
+    t_model = torch.as_tensor(diffusion.model_timesteps(index)).to(device)
+    return Plan(coef=coef, t_model=t_model, step_ids=index.to(device=device, dtype=torch.int64),
+                options=options)
+
+
+def initial_noise(seeds: torch.Tensor, sample_shape: tuple[int, ...],
+                  clip: tuple[float, float] | None = None) -> torch.Tensor:
+    """x_T for each sample's seed (B,) int64 -> (B, *sample_shape) float32, from the same
+    counter-based generator as the steps' noise (its own step id), clamped when `clip` is set."""
+    x = philox.initial_noise(seeds, sample_shape)
+    return x if clip is None else x.clamp(clip[0], clip[1])
+
+
+def reverse_loop(model_fn: ModelFn, plan: Plan, x: torch.Tensor, seeds: torch.Tensor | None, *,
+                 cond_fn: Callable | None = None, return_x0: bool = False,
+                 progress: bool = False, backend: str = "auto"):
+    """Run the reverse process from x = x_T (B, C, H, W) through every step of the plan.
+
+    model_fn(x, t) -> model output (B, C or 2C, H, W), with t the (B,) model timesteps;
+    seeds (B,) int64 key the in-kernel noise (None: no noise, e.g. deterministic DDIM);
+    cond_fn(x, t) -> classifier-guidance gradient (needs autograd: eager only).
+    Returns x_0 (B, C, H, W) float32, and the last predicted x0 when return_x0.
+    """
+    b = x.shape[0]
+    kwargs = plan.options.step_kwargs()
+    steps = range(plan.num_steps - 1, -1, -1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="sampling", unit="step", leave=False)
+    x0 = None
+    for s in steps:
+        t = plan.t_model[s].expand(b)
+        out = model_fn(x, t)
+        grad = None
+        if cond_fn is not None:
+            with torch.enable_grad():
+                grad = cond_fn(x.detach().requires_grad_(True), t)
+        x, x0 = ops.diffusion_step(
+            x, out, plan.coef[s].expand(b, -1), seed=seeds,
+            step=None if seeds is None else plan.step_ids[s], guidance_grad=grad,
+            return_x0=return_x0 and s == 0, backend=backend, **kwargs)
+    return (x, x0) if return_x0 else x

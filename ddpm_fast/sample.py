@@ -1,0 +1,251 @@
+"""ddpm_fast.sample: the mission's entry point.
+
+    images = ddpm_fast.sample(model, steps=250)
+
+Builds the plan (respaced float64 tables -> per-step float32 device tensors), draws x_T from the
+counter-based generator (sample i of seed s is the same image whatever the batch it sits in),
+and runs the static reverse loop: eagerly on the CPU, or captured whole into one CUDA graph on a
+GPU (graphs.py).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Sequence
+
+import torch
+
+from . import graphs
+from .loop import StepOptions, initial_noise, make_plan, reverse_loop
+
+SEED_BITS = 32
+
+
+def sample_seeds(seed: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Per-sample int64 seeds of global sample indices start .. start+count-1 under base `seed`:
+    (seed mod 2^31) * 2^32 + index, so every (seed, index) pair has its own noise stream."""
+    base = (int(seed) % (1 << 31)) << SEED_BITS
+    return base + torch.arange(start, start + count, dtype=torch.int64, device=device)
+
+
+def _resolve_process(diffusion, steps, skip):
+    if skip is not None:
+        if steps is not None and steps != 250 and steps is not None:
+            raise ValueError("give either steps or skip (the seed's K step skipping), not both")
+        return diffusion.skip(skip)
+    if steps is None:
+        return diffusion
+    return diffusion.respace(steps)
+
+
+def _check_labels(class_labels, num_classes):
+    """Validate user labels once: a class-conditional model, integer labels in range."""
+    if class_labels is None:
+        return None
+    if num_classes is None:
+        raise ValueError("class_labels were given but the model is not class-conditional "
+                         "(num_classes is None)")
+    labels = torch.as_tensor(class_labels).reshape(-1)
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"class_labels must be integers; got dtype {labels.dtype}")
+    labels = labels.long()
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"class_labels must lie in [0, {num_classes - 1}]; got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    return labels
+
+
+def seeded_labels(seed: int, start: int, count: int, num_classes: int) -> torch.Tensor:
+    """Labels of global sample indices start .. start+count-1 when the user gives none: uniform
+    over num_classes, a function of (seed, index) alone so batching does not change them."""
+    g = torch.Generator().manual_seed(int(seed) % (1 << 62))
+    return torch.randint(0, num_classes, (start + count,), generator=g)[start:]
+
+
+def _model_fn(model, labels, guidance_scale, null_label, channels, dtype, model_kwargs):
+    """The per-step model call (x, t) -> float32 output, with classifier-free guidance when
+    guidance_scale is set: eps = eps_uncond + s * (eps_cond - eps_uncond) from one call on the
+    doubled batch; learned-variance channels come from the conditional half."""
+    kwargs = dict(model_kwargs or {})
+
+    def call(x, t, y):
+        xin = x if dtype is None else x.to(dtype)
+        out = model(xin, t, y=y, **kwargs) if y is not None else model(xin, t, **kwargs)
+        return out.float()
+
+    if guidance_scale is None:
+        return lambda x, t: call(x, t, labels)
+    both_labels = torch.cat([labels, torch.full_like(labels, null_label)])
+
+    def guided(x, t):
+        cond, uncond = call(torch.cat([x, x]), torch.cat([t, t]), both_labels).chunk(2)
+        eps = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
+        return torch.cat([eps, cond[:, channels:]], dim=1)
+
+    return guided
+
+
+def sample(model: torch.nn.Module, steps: int | str | Sequence[int] | None = 250, *, diffusion=None,
+           shape: Sequence[int] | None = None, batch_size: int = 1, num_samples: int | None = None,
+           class_labels=None, method: str = "ddpm", eta: float = 0.0, stochasticity: float | None = None,
+           noise: str = "normal", project_noise: str | None = None, clip_denoised: bool = True,
+           clip: tuple[float, float] | None = None, skip: int | str | None = None,
+           cond_fn: Callable | None = None, guidance_scale: float | None = None,
+           null_label: int | None = None, x_T: torch.Tensor | None = None, seed: int | None = None,
+           generator: torch.Generator | None = None, progress: bool = True,
+           cuda_graph: bool | str = "auto", dtype: torch.dtype | None = None,
+           return_x0: bool = False, model_kwargs: dict | None = None, start_index: int = 0,
+           backend: str = "auto"):
+    """Sample images from a diffusion model.
+
+    Args:
+        model: a ddpm_fast.UNet (carries `model.diffusion`) or any nn.Module predicting the
+            diffusion's output from (x, t, y=labels) — then pass `diffusion=`.
+        steps: respacing of the diffusion: an int or "250", "ddim25", "10,15,20", a list of
+            timesteps, or None for every step.
+        diffusion: the (unrespaced) ddpm_fast.Diffusion; default model.diffusion.
+        shape: (C, H, W) of one sample; default from the model's in_channels and image_size.
+        batch_size: samples per model call. num_samples: total samples (default: batch_size,
+            or the length of class_labels / x_T), produced batch by batch.
+        class_labels: (N,) labels for a class-conditional model; default: drawn from the seed.
+        method: "ddpm" or "ddim"; eta (alias stochasticity) in [0, 1] for DDIM.
+        noise: the seed's noise stddev mode, "normal", "squared" or "zero".
+        project_noise: None, "pixel" or "sample" (the seed's noise projection).
+        clip_denoised: clamp predicted x0 to [-1, 1]. clip: (lo, hi) clamps x_T and every x_t.
+        skip: the seed's step skipping K (an int >= 1) or "quadratic", instead of steps.
+        cond_fn: classifier guidance, cond_fn(x, t, y=labels, **model_kwargs) -> grad (eager only).
+        guidance_scale: classifier-free guidance scale s (needs a model trained with a null
+            label; `null_label` defaults to model.null_label).
+        x_T: (N, C, H, W) starting noise; default drawn from the per-sample seeds.
+        seed: base seed (int); default drawn from `generator` / torch's global generator.
+            Sample i uses the noise streams of (seed, start_index + i).
+        progress: tqdm bar over steps (eager), or over batches when there are several.
+        cuda_graph: "auto" (whole-loop CUDA graph for CUDA models when possible), True or False.
+        dtype: the model's input dtype (e.g. torch.float16 for a converted model).
+        return_x0: also return the final predicted x0.
+        backend: op backend of the fused steps ("auto", "torch", "cpu", "cuda", "triton").
+    Returns:
+        (N, C, H, W) float32 tensor in [-1, 1] (with clip_denoised), plus the final x0 when
+        return_x0.
+    """
+    diffusion = diffusion if diffusion is not None else getattr(model, "diffusion", None)
+    if diffusion is None:
+        raise ValueError("the model carries no diffusion (model.diffusion); pass diffusion=")
+    if stochasticity is not None:
+        eta = stochasticity
+    if not 0.0 <= float(eta) <= 1.0:
+        raise ValueError(f"eta (stochasticity) must lie in [0, 1]; got {eta}")
+    if method not in ("ddpm", "ddim"):
+        raise ValueError(f"method must be 'ddpm' or 'ddim'; got {method!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+    if cuda_graph not in ("auto", True, False):
+        raise ValueError(f"cuda_graph must be 'auto', True or False; got {cuda_graph!r}")
+    if skip is not None and steps not in (None, 250):
+        raise ValueError("give either steps or skip (the seed's K step skipping), not both")
+    process = diffusion.skip(skip) if skip is not None else (
+        diffusion if steps is None else diffusion.respace(steps))
+    options = StepOptions(method=method, prediction=diffusion.prediction, variance=diffusion.variance,
+                          clip_denoised=clip_denoised, noise_mode=noise, project_noise=project_noise,
+                          clip=None if clip is None else (float(clip[0]), float(clip[1])))
+
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    in_ch = getattr(model, "in_channels", None)
+    image_size = getattr(model, "image_size", None)
+    num_classes = getattr(model, "num_classes", None)
+    model_null = getattr(model, "null_label", None)
+    if shape is None:
+        if in_ch is None or image_size is None:
+            raise ValueError("shape=(C, H, W) is needed: the model has no in_channels/image_size")
+        shape = (in_ch, image_size, image_size)
+    shape = tuple(int(v) for v in shape)
+    if len(shape) != 3:
+        raise ValueError(f"shape must be (C, H, W); got {shape}")
+    if in_ch is not None and shape[0] != in_ch:
+        raise ValueError(f"shape {shape} has {shape[0]} channels but the model takes {in_ch}")
+    if image_size is not None and shape[1:] != (image_size, image_size):
+        raise ValueError(f"shape {shape} does not match the model's image_size {image_size}")
+    class_labels = _check_labels(class_labels, num_classes)
+    if x_T is not None:
+        if x_T.dim() != 4 or tuple(x_T.shape[1:]) != shape:
+            raise ValueError(f"x_T must have shape (N, {', '.join(map(str, shape))}); "
+                             f"got {tuple(x_T.shape)}")
+        num_samples = x_T.shape[0] if num_samples is None else num_samples
+    if class_labels is not None and num_samples is None:
+        num_samples = class_labels.numel()
+    num_samples = batch_size if num_samples is None else int(num_samples)
+    for name, t in (("x_T", x_T), ("class_labels", class_labels)):
+        if t is not None and t.shape[0] != num_samples:
+            raise ValueError(f"{name} holds {t.shape[0]} samples but {num_samples} are asked for")
+    if guidance_scale is not None:
+        null_label = model_null if null_label is None else null_label
+        if null_label is None or num_classes is None:
+            raise ValueError("guidance_scale needs a class-conditional model with a null label "
+                             "(model.null_label or null_label=)")
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+
+    plan = make_plan(process, options, eta, device)
+    use_graph = _use_graph(cuda_graph, device, cond_fn)
+    real_classes = None if num_classes is None else (
+        num_classes - 1 if model_null is not None else num_classes)
+    batches = range(0, num_samples, batch_size)
+    many = len(batches) > 1
+    if many and progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="sampling", unit="batch")
+
+    def loop(seeds, x_T=None, labels=None):
+        x = initial_noise(seeds, shape, options.clip) if x_T is None else (
+            x_T if options.clip is None else x_T.clamp(*options.clip))
+        fn = _model_fn(model, labels, guidance_scale, null_label, shape[0], dtype, model_kwargs)
+        guide = None
+        if cond_fn is not None:
+            kw = dict(model_kwargs or {})
+            if labels is not None:
+                kw.setdefault("y", labels)
+            guide = lambda x, t: cond_fn(x, t, **kw)  # noqa: E731
+        return reverse_loop(fn, plan, x, seeds, cond_fn=guide, return_x0=return_x0,
+                            progress=progress and not many and not use_graph, backend=backend)
+
+    outs = []
+    for start in batches:
+        b = min(batch_size, num_samples - start)
+        inputs = {"seeds": sample_seeds(seed, start_index + start, b, device)}
+        if x_T is not None:
+            inputs["x_T"] = x_T[start:start + b].to(device=device, dtype=torch.float32)
+        if num_classes is not None:
+            inputs["labels"] = (class_labels[start:start + b] if class_labels is not None else
+                                seeded_labels(seed, start_index + start, b, real_classes)).to(device)
+        if use_graph:
+            key = (tuple(inputs["seeds"].shape), shape, dtype, tuple(process.timestep_map.tolist()),
+                   float(eta), options, guidance_scale, null_label, tuple(sorted(inputs)),
+                   return_x0, backend)
+            with torch.no_grad():
+                captured, new = graphs.cached(model, key, lambda: graphs.CapturedLoop(
+                    loop, {k: v.clone() for k, v in inputs.items()}))
+                outs.append(captured.first_result if new else captured(**inputs))
+        elif cond_fn is not None:
+            outs.append(loop(**inputs))
+        else:
+            with torch.no_grad():
+                outs.append(loop(**inputs))
+    if return_x0:
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+    return torch.cat(outs)
+
+
+def _use_graph(cuda_graph, device, cond_fn) -> bool:
+    if cuda_graph is False:
+        return False
+    if device.type != "cuda":
+        if cuda_graph is True:
+            raise ValueError(f"cuda_graph=True needs a model on a CUDA device; it is on {device}")
+        return False
+    if cond_fn is not None:
+        if cuda_graph is True:
+            warnings.warn("cuda_graph=True ignored: classifier guidance (cond_fn) needs autograd, "
+                          "which a CUDA graph cannot replay; sampling eagerly", stacklevel=3)
+        return False
+    return True
