@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,25 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, num_samples: int, batch_si
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default="samples.npz", help="npz: arr_0 uint8 NHWC, arr_1 labels")
     p.add_argument("--grid", default="samples.png", help="PNG grid of the samples ('' for none)")
+    p.add_argument("--out-dir", default=None,
+                   help="sharded, resumable mode (works under torchrun): chunks + manifest in this "
+                        "directory, merged into --out at the end")
+    p.add_argument("--chunk-size", type=int, default=batch_size, help="samples per chunk file")
+    p.add_argument("--labels", choices=("balanced", "random"), default="balanced",
+                   help="sharded mode: label of sample i is i mod K, or seeded random")
+    p.add_argument("--max-chunks", type=int, default=None,
+                   help="sharded mode: stop after computing this many chunks per process")
+    p.add_argument("--log-ranks", action="store_true", help="sharded mode: per-rank log lines")
+
+
+def _sampler_options(args) -> dict:
+    """ddpm_fast.sample keyword arguments from the command line."""
+    skip = None if args.skip is None else (args.skip if args.skip == "quadratic" else int(args.skip))
+    return dict(steps=None if skip is not None else args.steps, skip=skip, batch_size=args.batch_size,
+                method=args.method, eta=args.eta, noise=args.noise, project_noise=args.project_noise,
+                clip_denoised=not args.no_clip_denoised,
+                clip=None if args.clip is None else tuple(args.clip),
+                guidance_scale=args.guidance_scale, cuda_graph=not args.no_cuda_graph and "auto")
 
 
 def _sample(args) -> int:
@@ -86,18 +106,16 @@ def _sample(args) -> int:
         raise SystemExit("--num-samples must be >= 1")
     model, what = _load_model(args)
     model = model.to(args.device).eval()
+    options = _sampler_options(args)
+    if args.out_dir:
+        return _sample_sharded(args, model, options)
     labels = _balanced_labels(args.num_samples, model)
-    skip = None if args.skip is None else (args.skip if args.skip == "quadratic" else int(args.skip))
-    steps = None if skip is not None else args.steps
     print(f"sampling {args.num_samples} images from {what}: {args.method}, "
-          f"{'skip K=' + str(skip) if skip is not None else 'steps ' + str(steps)}, seed {args.seed}, "
-          f"device {args.device}", file=sys.stderr)
+          f"{'skip K=' + str(options['skip']) if options['skip'] is not None else 'steps ' + str(options['steps'])}, "
+          f"seed {args.seed}, device {args.device}", file=sys.stderr)
     t0 = time.perf_counter()
-    x = sample(model, steps=steps, skip=skip, num_samples=args.num_samples, batch_size=args.batch_size,
-               class_labels=labels, method=args.method, eta=args.eta, noise=args.noise,
-               project_noise=args.project_noise, clip_denoised=not args.no_clip_denoised,
-               clip=args.clip, guidance_scale=args.guidance_scale, seed=args.seed,
-               progress=not args.no_progress, cuda_graph=not args.no_cuda_graph and "auto")
+    x = sample(model, num_samples=args.num_samples, class_labels=labels, seed=args.seed,
+               progress=not args.no_progress, **options)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
@@ -122,6 +140,37 @@ def _sample(args) -> int:
     return 0
 
 
+def _sample_sharded(args, model, options) -> int:
+    from .distributed import file_sha256, main_log, sharded_sample
+
+    config = {"flags": args.flags, "checkpoint_sha256": file_sha256(args.checkpoint),
+              "num_samples": args.num_samples, "chunk_size": args.chunk_size, "seed": args.seed,
+              "labels": args.labels, "out": args.out, **{k: v for k, v in options.items()
+                                                         if k != "cuda_graph"}}
+    config["clip"] = None if config["clip"] is None else list(config["clip"])
+    t0 = time.perf_counter()
+    rank = int(os.environ.get("RANK", "0"))
+    stats = sharded_sample(model, out_dir=args.out_dir, num_samples=args.num_samples,
+                           chunk_size=args.chunk_size, config=config,
+                           sample_kwargs=options, labels=args.labels,
+                           seed=args.seed, max_chunks=args.max_chunks,
+                           progress=not args.no_progress, log=main_log(rank, args.log_ranks))
+    print(f"rank {stats['rank']}/{stats['world_size']}: computed {stats['computed']} chunks, "
+          f"skipped {stats['skipped']} finished chunks in {time.perf_counter() - t0:.1f} s", flush=True)
+    if stats["merged"] is not None:
+        print(f"wrote {stats['merged']}", flush=True)
+    elif stats["rank"] == 0 and not stats["finished"]:
+        print("not finished: re-run the same command to compute the remaining chunks", flush=True)
+    return 0
+
+
+def _merge(args) -> int:
+    from .distributed import merge
+
+    print(f"wrote {merge(args.dir, args.out)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ddpm-fast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="the main job: 100 digits from the bundled model, 250 DDPM steps")
     _add_sampling_args(p, num_samples=100, batch_size=100)
     p.set_defaults(func=_sample)
+    p = sub.add_parser("merge", help="assemble a sharded run's chunks into one npz")
+    p.add_argument("dir")
+    p.add_argument("--out", default=None, help="default DIR/samples.npz")
+    p.set_defaults(func=_merge)
     p = sub.add_parser("bench-report", help="benchmark suite: run it, tabulate results, speed gate",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -8,7 +8,7 @@ so torch.cuda.graph can record all of it (graphs.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -87,23 +87,30 @@ def initial_noise(seeds: torch.Tensor, sample_shape: tuple[int, ...],
 
 def reverse_loop(model_fn: ModelFn, plan: Plan, x: torch.Tensor, seeds: torch.Tensor | None, *,
                  cond_fn: Callable | None = None, return_x0: bool = False,
-                 progress: bool = False, backend: str = "auto"):
-    """Run the reverse process from x = x_T (B, C, H, W) through every step of the plan.
+                 progress: bool = False, backend: str = "auto",
+                 steps: Sequence[int] | None = None,
+                 before_step: Callable[[torch.Tensor, int], torch.Tensor] | None = None):
+    """Run the reverse process from x = x_T (B, C, H, W) through the steps of the plan.
 
     model_fn(x, t) -> model output (B, C or 2C, H, W), with t the (B,) model timesteps;
     seeds (B,) int64 key the in-kernel noise (None: no noise, e.g. deterministic DDIM);
-    cond_fn(x, t) -> classifier-guidance gradient (needs autograd: eager only).
-    Returns x_0 (B, C, H, W) float32, and the last predicted x0 when return_x0.
+    cond_fn(x, t) -> classifier-guidance gradient (needs autograd: eager only);
+    steps: the step indices to visit, in order (default S-1 down to 0; restoration visits
+    part of them); before_step(x, s) -> x runs before each step (restoration's known region).
+    Returns x (B, C, H, W) float32 after the last step, and its predicted x0 when return_x0.
     """
     b = x.shape[0]
     kwargs = plan.options.step_kwargs()
-    steps = range(plan.num_steps - 1, -1, -1)
+    steps = list(range(plan.num_steps - 1, -1, -1) if steps is None else steps)
+    last = steps[-1] if steps else None
     if progress:
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="sampling", unit="step", leave=False)
     x0 = None
     for s in steps:
+        if before_step is not None:
+            x = before_step(x, s)
         t = plan.t_model[s].expand(b)
         out = model_fn(x, t)
         grad = None
@@ -113,5 +120,5 @@ def reverse_loop(model_fn: ModelFn, plan: Plan, x: torch.Tensor, seeds: torch.Te
         x, x0 = ops.diffusion_step(
             x, out, plan.coef[s].expand(b, -1), seed=seeds,
             step=None if seeds is None else plan.step_ids[s], guidance_grad=grad,
-            return_x0=return_x0 and s == 0, backend=backend, **kwargs)
+            return_x0=return_x0 and s == last, backend=backend, **kwargs)
     return (x, x0) if return_x0 else x
