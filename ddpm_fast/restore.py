@@ -1,0 +1,184 @@
+"""Restoration with a pretrained diffusion model: inpainting (RePaint-style, with optional
+resampling jumps) and partial-noise restoration of degraded images (SDEdit-style `strength`).
+
+Every step reuses the sampler's plan and fused step, so all of ddpm_fast.sample's options apply
+(method, eta, noise mode, projection, clipping, step skipping K). Noise comes from the same
+counter-based generator, in streams of its own for the forward-noised known region.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Sequence
+
+import torch
+
+from . import philox
+from .loop import StepOptions, make_plan, reverse_loop
+from .sample import _model_fn, sample_seeds, seeded_labels
+from .step_layout import SQRT_1M_AB, SQRT_AB, SQRT_AB_PREV
+
+# Noise stream ids (the steps' own noise uses ids 0 .. S * rounds - 1).
+_KNOWN_STREAM = 1 << 40
+_UNDO_STREAM = 2 << 40
+_START_STREAM = 3 << 40
+
+
+def repaint_schedule(num_steps: int, jump_length: int = 10, jump_n_sample: int = 1) -> list[int]:
+    """RePaint's time schedule over step indices S-1 .. 0: go down; after every `jump_length`
+    steps jump back up `jump_length` steps, `jump_n_sample - 1` times per jump point. Returns the
+    visited indices followed by -1 (the clean image); a rise t -> t+1 is a forward (undo) step.
+    With jump_n_sample = 1 it is simply S-1, S-2, ..., 0, -1."""
+    if jump_length < 1:
+        raise ValueError(f"jump_length must be >= 1; got {jump_length}")
+    if jump_n_sample < 1:
+        raise ValueError(f"jump_n_sample must be >= 1; got {jump_n_sample}")
+    jumps = {j: jump_n_sample - 1 for j in range(0, num_steps - jump_length, jump_length)}
+    t = num_steps
+    out = []
+    while t >= 1:
+        t -= 1
+        out.append(t)
+        if jumps.get(t, 0) > 0:
+            jumps[t] -= 1
+            for _ in range(jump_length):
+                t += 1
+                out.append(t)
+    out.append(-1)
+    return out
+
+
+def _runs(schedule: Sequence[int]):
+    """Split a schedule into ('down', [s ...]) runs of reverse steps and ('up', s_from, s_to)
+    forward undo steps."""
+    down: list[int] = []
+    for a, b in zip(schedule, schedule[1:]):
+        if b < a:
+            down.append(a)
+        else:
+            if down:
+                yield ("down", down)
+                down = []
+            yield ("up", a, b)
+    if down:
+        yield ("down", down)
+
+
+def restore(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor | None = None, *,
+            steps: int | str | Sequence[int] | None = 250, method: str = "ddpm",
+            strength: float | None = None, jump_length: int = 10, jump_n_sample: int = 1,
+            diffusion=None, class_labels=None, guidance_scale: float | None = None,
+            eta: float = 0.0, noise: str = "normal", project_noise: str | None = None,
+            clip_denoised: bool = True, clip: tuple[float, float] | None = None,
+            skip: int | str | None = None, seed: int = 0, progress: bool = True,
+            backend: str = "auto") -> torch.Tensor:
+    """Restore images with a diffusion model.
+
+    Args:
+        image: (B, C, H, W) in [-1, 1].
+        mask: (B or 1, 1 or C, H, W), 1 = known pixel, 0 = to generate; None restores the whole
+            image (needs `strength`). Known pixels come back exactly equal to `image`.
+        steps / skip / method / eta / noise / project_noise / clip_denoised / clip: as in
+            ddpm_fast.sample.
+        strength: in (0, 1]: noise the image to that fraction of the process and run the reverse
+            process from there (SDEdit). None: start from pure noise (inpainting).
+        jump_length, jump_n_sample: RePaint resampling (jump_n_sample = 1: no resampling).
+        class_labels: labels for a class-conditional model; default its null label
+            (unconditional) when it has one, else labels drawn from the seed.
+    Returns:
+        (B, C, H, W) float32 in [-1, 1].
+    """
+    diffusion = diffusion if diffusion is not None else getattr(model, "diffusion", None)
+    if diffusion is None:
+        raise ValueError("the model carries no diffusion (model.diffusion); pass diffusion=")
+    if not isinstance(image, torch.Tensor) or image.dim() != 4:
+        raise ValueError(f"image must be a (B, C, H, W) tensor; got {getattr(image, 'shape', type(image))}")
+    if not image.is_floating_point():
+        raise ValueError(f"image must be a float tensor in [-1, 1]; got dtype {image.dtype}")
+    lo, hi = float(image.min()), float(image.max())
+    if lo < -1 - 1e-6 or hi > 1 + 1e-6:
+        raise ValueError(f"image must lie in [-1, 1]; its values span [{lo:.3f}, {hi:.3f}]")
+    b, c, h, w = image.shape
+    in_ch, size = getattr(model, "in_channels", None), getattr(model, "image_size", None)
+    if (in_ch is not None and c != in_ch) or (size is not None and (h, w) != (size, size)):
+        raise ValueError(f"image has shape {tuple(image.shape)} but the model takes "
+                         f"({in_ch}, {size}, {size}) images")
+    if mask is not None:
+        if mask.dim() != 4 or mask.shape[2:] != image.shape[2:] or mask.shape[0] not in (1, b) \
+                or mask.shape[1] not in (1, c):
+            raise ValueError(f"mask must have shape ({b} or 1, 1 or {c}, {h}, {w}); got {tuple(mask.shape)}")
+    if strength is not None and not 0.0 < float(strength) <= 1.0:
+        raise ValueError(f"strength must lie in (0, 1]; got {strength}")
+    if mask is None and strength is None:
+        raise ValueError("give a mask (inpainting) or a strength (restoration of the whole image)")
+    if skip is not None and steps not in (None, 250):
+        raise ValueError("give either steps or skip, not both")
+
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    process = diffusion.skip(skip) if skip is not None else (
+        diffusion if steps is None else diffusion.respace(steps))
+    options = StepOptions(method=method, prediction=diffusion.prediction, variance=diffusion.variance,
+                          clip_denoised=clip_denoised, noise_mode=noise, project_noise=project_noise,
+                          clip=None if clip is None else (float(clip[0]), float(clip[1])))
+    if not 0.0 <= float(eta) <= 1.0:
+        raise ValueError(f"eta must lie in [0, 1]; got {eta}")
+    plan = make_plan(process, options, eta, device)
+    coef64 = torch.as_tensor(process.coefficients(eta=eta), dtype=torch.float64)
+    num = plan.num_steps
+
+    image = image.to(device=device, dtype=torch.float32)
+    known = None if mask is None else mask.to(device=device, dtype=torch.float32).expand_as(image)
+    seeds = sample_seeds(seed, 0, b, device)
+    labels = _restore_labels(model, class_labels, b, seed, device)
+    fn = _model_fn(model, labels, guidance_scale, getattr(model, "null_label", None), c, None, None)
+    shape = (c, h, w)
+
+    def q_sample(s: int, stream: int) -> torch.Tensor:
+        z = philox.philox_normal(seeds, torch.tensor(stream + s, device=device), shape)
+        return plan.coef[s, SQRT_AB] * image + plan.coef[s, SQRT_1M_AB] * z
+
+    def keep_known(x: torch.Tensor, s: int) -> torch.Tensor:
+        return x if known is None else known * q_sample(s, _KNOWN_STREAM) + (1 - known) * x
+
+    if strength is not None:
+        start = max(int(round(float(strength) * num)) - 1, 0)
+        x = q_sample(start, _START_STREAM)
+    else:
+        start = num - 1
+        x = philox.initial_noise(seeds, shape)
+    if options.clip is not None:
+        x = x.clamp(*options.clip)
+    schedule = repaint_schedule(start + 1, jump_length, jump_n_sample)
+    visits = 0
+    with torch.no_grad():
+        for run in _runs(schedule):
+            if run[0] == "down":
+                # fresh noise ids on every pass over a step (RePaint re-samples)
+                run_plan = replace(plan, step_ids=plan.step_ids + visits * num)
+                x = reverse_loop(fn, run_plan, x, seeds, steps=run[1], before_step=keep_known,
+                                 progress=False, backend=backend)
+                visits += 1
+            else:
+                _, s_from, s_to = run  # forward one step: x_{s_to} ~ q(x_{s_to} | x_{s_from})
+                sqrt_alpha = float(coef64[s_to, SQRT_AB] / coef64[s_to, SQRT_AB_PREV])
+                z = philox.philox_normal(seeds, torch.tensor(_UNDO_STREAM + visits * num + s_to,
+                                                             device=device), shape)
+                x = sqrt_alpha * x + (1 - sqrt_alpha ** 2) ** 0.5 * z
+    return x if known is None else known * image + (1 - known) * x
+
+
+def _restore_labels(model, class_labels, b, seed, device):
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is None:
+        if class_labels is not None:
+            raise ValueError("class_labels were given but the model is not class-conditional")
+        return None
+    if class_labels is not None:
+        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        if labels.numel() != b or labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(f"class_labels must hold {b} labels in [0, {num_classes - 1}]")
+        return labels.to(device)
+    null = getattr(model, "null_label", None)
+    if null is not None:
+        return torch.full((b,), null, dtype=torch.long, device=device)
+    return seeded_labels(seed, 0, b, num_classes).to(device)
