@@ -1,6 +1,7 @@
 """ddpm_fast: fused kernels, a lean ADM U-Net and fast samplers for guided-diffusion models."""
 from . import ops, reference
 from ._registry import BackendStatus, backends
+from .diffusion import Diffusion
 
 __version__ = "0.1.0"
 
