@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import ops, philox
+from .diffusion import classifier_gradient
 from .step_layout import METHODS, NOISE_MODES, PROJECTIONS, code
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -69,11 +70,9 @@ class Plan:
 
 def make_plan(diffusion, options: StepOptions, eta: float, device: torch.device) -> Plan:
     """Gather the (respaced) diffusion's float64 tables into float32 device tensors, once."""
-    s = diffusion.num_timesteps
-    index = torch.arange(s)
-    coef = torch.as_tensor(diffusion.coefficients(eta=eta)).to(device=device, dtype=torch.float32)
-    t_model = torch.as_tensor(diffusion.model_timesteps(index)).to(device)
-    return Plan(coef=coef, t_model=t_model, step_ids=index.to(device=device, dtype=torch.int64),
+    return Plan(coef=diffusion.coefficient_table(eta, device=device),
+                t_model=diffusion.model_timestep_table(device=device),
+                step_ids=torch.arange(diffusion.num_timesteps, device=device, dtype=torch.int64),
                 options=options)
 
 
@@ -116,7 +115,7 @@ def reverse_loop(model_fn: ModelFn, plan: Plan, x: torch.Tensor, seeds: torch.Te
         grad = None
         if cond_fn is not None:
             with torch.enable_grad():
-                grad = cond_fn(x.detach().requires_grad_(True), t)
+                grad = classifier_gradient(cond_fn, x, t)
         x, x0 = ops.diffusion_step(
             x, out, plan.coef[s].expand(b, -1), seed=seeds,
             step=None if seeds is None else plan.step_ids[s], guidance_grad=grad,

@@ -130,7 +130,7 @@ def restore(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor | No
     known = None if mask is None else mask.to(device=device, dtype=torch.float32).expand_as(image)
     seeds = sample_seeds(seed, 0, b, device)
     labels = _restore_labels(model, class_labels, b, seed, device)
-    fn = _model_fn(model, labels, guidance_scale, getattr(model, "null_label", None), c, None, None)
+    fn = _model_fn(model, labels, guidance_scale, getattr(model, "null_label", None), None, None)
     shape = (c, h, w)
 
     def q_sample(s: int, stream: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import graphs
+from .diffusion import guided_model_output
 from .loop import StepOptions, initial_noise, make_plan, reverse_loop
 
 SEED_BITS = 32
@@ -61,27 +62,21 @@ def seeded_labels(seed: int, start: int, count: int, num_classes: int) -> torch.
     return torch.randint(0, num_classes, (start + count,), generator=g)[start:]
 
 
-def _model_fn(model, labels, guidance_scale, null_label, channels, dtype, model_kwargs):
-    """The per-step model call (x, t) -> float32 output, with classifier-free guidance when
-    guidance_scale is set: eps = eps_uncond + s * (eps_cond - eps_uncond) from one call on the
-    doubled batch; learned-variance channels come from the conditional half."""
+def _model_fn(model, labels, guidance_scale, null_label, dtype, model_kwargs):
+    """The per-step model call (x, t) -> float32 output: labels go in as y, classifier-free
+    guidance (diffusion.guided_model_output: one call on the doubled batch) when guidance_scale
+    is set, inputs cast to `dtype` for a reduced-precision model."""
     kwargs = dict(model_kwargs or {})
+    if labels is not None:
+        kwargs["y"] = labels
 
-    def call(x, t, y):
-        xin = x if dtype is None else x.to(dtype)
-        out = model(xin, t, y=y, **kwargs) if y is not None else model(xin, t, **kwargs)
-        return out.float()
+    def call_model(x, t, **kw):
+        return model(x if dtype is None else x.to(dtype), t, **kw)
 
-    if guidance_scale is None:
-        return lambda x, t: call(x, t, labels)
-    both_labels = torch.cat([labels, torch.full_like(labels, null_label)])
+    def call(x, t):
+        return guided_model_output(call_model, x, t, kwargs, guidance_scale, null_label).float()
 
-    def guided(x, t):
-        cond, uncond = call(torch.cat([x, x]), torch.cat([t, t]), both_labels).chunk(2)
-        eps = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
-        return torch.cat([eps, cond[:, channels:]], dim=1)
-
-    return guided
+    return call
 
 
 def sample(model: torch.nn.Module, steps: int | str | Sequence[int] | None = 250, *, diffusion=None,
@@ -199,7 +194,7 @@ def sample(model: torch.nn.Module, steps: int | str | Sequence[int] | None = 250
     def loop(seeds, x_T=None, labels=None):
         x = initial_noise(seeds, shape, options.clip) if x_T is None else (
             x_T if options.clip is None else x_T.clamp(*options.clip))
-        fn = _model_fn(model, labels, guidance_scale, null_label, shape[0], dtype, model_kwargs)
+        fn = _model_fn(model, labels, guidance_scale, null_label, dtype, model_kwargs)
         guide = None
         if cond_fn is not None:
             kw = dict(model_kwargs or {})
