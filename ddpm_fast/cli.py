@@ -57,11 +57,10 @@ def _balanced_labels(num_samples: int, model) -> torch.Tensor | None:
     return torch.arange(num_samples) % real
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, *, num_samples: int, batch_size: int) -> None:
+def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    """The model and the sampler's options (shared by sample, demo and restore)."""
     p.add_argument("--checkpoint", help="guided-diffusion checkpoint (.pt or .safetensors)")
     p.add_argument("--flags", help="guided-diffusion MODEL_FLAGS + DIFFUSION_FLAGS of the checkpoint")
-    p.add_argument("--num-samples", type=int, default=num_samples)
-    p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--steps", default="250", help='respacing: "250", "ddim25", "10,15,20"')
     p.add_argument("--skip", default=None, help="the seed's step skipping K (int) or 'quadratic'")
     p.add_argument("--seed", type=int, default=0)
@@ -75,6 +74,13 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, num_samples: int, batch_si
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-cuda-graph", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, *, num_samples: int, batch_size: int) -> None:
+    """sample / demo: the sampler's options, the counts and the outputs."""
+    _add_sampler_args(p)
+    p.add_argument("--num-samples", type=int, default=num_samples)
+    p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--out", default="samples.npz", help="npz: arr_0 uint8 NHWC, arr_1 labels")
     p.add_argument("--grid", default="samples.png", help="PNG grid of the samples ('' for none)")
     p.add_argument("--out-dir", default=None,
@@ -164,6 +170,50 @@ def _sample_sharded(args, model, options) -> int:
     return 0
 
 
+def _read_png(path: str, channels: int, size: int | None) -> torch.Tensor:
+    """A PNG as (1, C, H, W) in [-1, 1] (grey for 1 channel, RGB for 3), resized to the model's
+    image_size when it differs."""
+    from PIL import Image
+
+    im = Image.open(path).convert("L" if channels == 1 else "RGB")
+    if size is not None and im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR)
+    arr = torch.from_numpy(np.asarray(im, dtype=np.float32).copy())
+    arr = arr[None] if arr.dim() == 2 else arr.permute(2, 0, 1)
+    return (arr / 127.5 - 1.0)[None]
+
+
+def _restore(args) -> int:
+    from PIL import Image
+
+    from .images import to_images
+    from .restore import restore
+
+    model, what = _load_model(args)
+    model = model.to(args.device).eval()
+    channels, size = model.in_channels, model.image_size
+    image = _read_png(args.image, channels, size)
+    mask = None
+    if args.mask:
+        from PIL import Image as _Image
+
+        m = _Image.open(args.mask).convert("L")
+        if m.size != (size, size):
+            m = m.resize((size, size), _Image.NEAREST)
+        mask = torch.from_numpy((np.asarray(m) >= 128).astype(np.float32))[None, None]
+    options = _sampler_options(args)
+    options.pop("batch_size")
+    options.pop("cuda_graph")
+    t0 = time.perf_counter()
+    x = restore(model, image.to(args.device), None if mask is None else mask.to(args.device),
+                strength=args.strength, jump_length=args.jump_length, jump_n_sample=args.jump_n_sample,
+                seed=args.seed, **options)
+    out = to_images(x)[0]
+    Image.fromarray(out[..., 0] if out.shape[-1] == 1 else out).save(args.out)
+    print(f"restored {args.image} with {what} in {time.perf_counter() - t0:.1f} s -> {args.out}")
+    return 0
+
+
 def _merge(args) -> int:
     from .distributed import merge
 
@@ -182,6 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="the main job: 100 digits from the bundled model, 250 DDPM steps")
     _add_sampling_args(p, num_samples=100, batch_size=100)
     p.set_defaults(func=_sample)
+    p = sub.add_parser("restore", help="inpaint / restore a PNG with the model")
+    _add_sampler_args(p)
+    p.add_argument("--out", default="restored.png", help="output PNG")
+    p.add_argument("--image", required=True, help="input PNG")
+    p.add_argument("--mask", default=None, help="PNG, white (>= 128) = known pixel, black = generate")
+    p.add_argument("--strength", type=float, default=None, help="(0, 1]: partial-noise restoration")
+    p.add_argument("--jump-length", type=int, default=10, help="RePaint jump length")
+    p.add_argument("--jump-n-sample", type=int, default=1, help="RePaint resamplings (1 = none)")
+    p.set_defaults(func=_restore, batch_size=1)
     p = sub.add_parser("merge", help="assemble a sharded run's chunks into one npz")
     p.add_argument("dir")
     p.add_argument("--out", default=None, help="default DIR/samples.npz")
