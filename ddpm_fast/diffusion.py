@@ -294,7 +294,9 @@ class Diffusion:
                 raise ValueError(f"timesteps={timesteps} but the betas array has {betas.size} entries")
             self.schedule = "custom"
         if not (np.all(betas > 0) and np.all(betas <= 1)):
-            raise ValueError("schedule (betas) must lie in (0, 1]")
+            what = (f"schedule {schedule!r} with timesteps={betas.size} gives betas" if isinstance(schedule, str)
+                    else "schedule (betas) must lie in (0, 1]; got betas")
+            raise ValueError(f"{what} in [{betas.min():.4g}, {betas.max():.4g}], outside (0, 1]")
         self.variance = variance
         self.prediction = prediction
         self.rescale_timesteps = rescale_timesteps
@@ -332,6 +334,8 @@ class Diffusion:
         self._coef_cache: dict[float, torch.Tensor] = {}
 
     def __repr__(self) -> str:
+        if not hasattr(self, "num_timesteps"):
+            return "Diffusion(<not built>)"
         respaced = "" if self.num_timesteps == self.original_num_steps else f", steps={self.num_timesteps}"
         return (f"Diffusion(schedule={self.schedule!r}, timesteps={self.original_num_steps}{respaced}, "
                 f"variance={self.variance!r}, prediction={self.prediction!r}, "
