@@ -11,7 +11,7 @@ from ddpm_fast.diffusion import (cfg_model_inputs, combine_cfg, guided_model_out
                                  skip_sequence, space_timesteps)
 from ddpm_fast.step_layout import (DDIM_DIR, DDIM_SIGMA, LOG_VAR_MAX, LOG_VAR_MIN, NONZERO, NUM_COEFS,
                                    POST_COEF1, POST_COEF2, SQRT_1M_AB, SQRT_AB, SQRT_AB_PREV, SQRT_RECIP_AB,
-                                   SQRT_RECIPM1_AB, VARIANCE)
+                                   SQRT_RECIPM1_AB, VARIANCE, VARIANCES)
 
 
 def fake_model(x, t, **kwargs):
@@ -181,6 +181,26 @@ def test_noise_modes_scale_the_ddim_noise():
     torch.testing.assert_close(run["normal"] - run["zero"], sigma * z, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(run["squared"] - run["zero"], sigma * sigma * z, rtol=1e-5, atol=1e-6)
     assert torch.equal(run["correct"], run["normal"])          # the seed's alias
+
+
+def test_learned_variances_reduce_to_the_fixed_ones():
+    """learned_range with v = -1 is fixed_small, with v = +1 fixed_large (from step 1 on: at step 0 no
+    noise is added and fixed_large's index 0 is post_var[1]); learned with v = the posterior log
+    variance is fixed_small."""
+    kinds = {v: Diffusion("cosine", 100, variance=v).skip(3) for v in VARIANCES}
+    x, eps, z = randn(4, 3, 5, 5, seed=30), randn(4, 3, 5, 5, seed=31), randn(4, 3, 5, 5, seed=32)
+    idx = torch.tensor([1, 7, 20, kinds["fixed_small"].num_timesteps - 1])
+    ones = torch.ones_like(x)
+
+    def run(v, out):
+        return kinds[v].p_sample_step(x, out, idx, z, method="ddpm", clip_denoised=False)[0]
+
+    small, large = run("fixed_small", eps), run("fixed_large", eps)
+    assert (small - large).abs().max() > 1e-3
+    torch.testing.assert_close(run("learned_range", torch.cat([eps, -ones], 1)), small, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(run("learned_range", torch.cat([eps, ones], 1)), large, rtol=1e-6, atol=1e-6)
+    log_var = kinds["fixed_small"].posterior_log_variance_clipped[idx].float().reshape(-1, 1, 1, 1) * ones
+    torch.testing.assert_close(run("learned", torch.cat([eps, log_var], 1)), small, rtol=1e-6, atol=1e-6)
 
 
 # ---- float64 tables and coefficients ----------------------------------------------------------------------
@@ -472,7 +492,8 @@ def test_bad_constructor_options(kwargs, name):
 
 
 @pytest.mark.parametrize("spec,name", [("ddim6", "spec"), ("11", "spec"), ("6,6", "spec"), ("abc", "spec"),
-                                       ([], "spec"), ([3, 10], "spec"), ("-1", "spec"), ("trailing11", "num_inference")])
+                                       ([], "spec"), ([3, 10], "spec"), ("-1", "spec"),
+                                       ("trailing11", "num_inference_steps")])
 def test_bad_respacing(spec, name):
     with pytest.raises(ValueError, match=name):
         Diffusion("cosine", 10).respace(spec)

@@ -18,12 +18,10 @@ import warnings
 
 import pytest
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler   # a test dependency (pyproject [test])
 
 from ddpm_fast import Diffusion
 from ddpm_fast.diffusion import diffusers_timesteps, reference_sample_loop
-
-diffusers = pytest.importorskip("diffusers")
-from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
 
 ATOL, RTOL = 1e-5, 1e-6
 TOL = {"float64": (1e-6, 1e-5), "stock": (1e-5, 1e-4)}     # (rtol, atol) against each diffusers run
