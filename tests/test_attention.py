@@ -149,11 +149,23 @@ def test_cpu_matches_reference_fp32(shape, layout):
 @needs_cpu_kernel
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", [(1, 1, 8, 1), (4, 2, 32, 16), (1, 4, 64, 256), (1, 8, 128, 64)],
+@pytest.mark.parametrize("shape", [(1, 1, 8, 1), (4, 2, 32, 16), (1, 4, 64, 256), (1, 8, 128, 64),
+                                   (2, 2, 32, 600)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_cpu_matches_reference_half(shape, layout, dtype):
     qkv = make_qkv(*shape, dtype=dtype, seed=sum(shape))
     check_close(ops.attention(qkv, shape[1], layout, backend="cpu"), qkv, shape[1], layout)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("length", [40, 530])  # the GEMM path (T < 512) and the SDPA path
+def test_cpu_strided_input(layout, length):
+    base = make_qkv(2, 2, 16, length, seed=12)
+    transposed = base.transpose(1, 2).contiguous().transpose(1, 2)
+    check_close(ops.attention(transposed, 2, layout, backend="cpu"), transposed, 2, layout)
+    sliced = torch.cat([base, base], dim=2)[:, :, 3:3 + length]
+    check_close(ops.attention(sliced, 2, layout, backend="cpu"), sliced, 2, layout)
 
 
 @needs_cpu_kernel
