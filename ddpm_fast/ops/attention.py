@@ -9,6 +9,7 @@ from ._checks import check_tensor
 
 OP = "attention"
 LAYOUTS = ("legacy", "new")
+CUDA_MAX_HEAD_DIM = 256  # the largest head-dim tile of csrc/cuda/attention.cu
 
 
 def attention(qkv: torch.Tensor, num_heads: int, layout: str = "legacy",
@@ -26,10 +27,12 @@ def attention(qkv: torch.Tensor, num_heads: int, layout: str = "legacy",
     """
     check_tensor("qkv", qkv)
     if qkv.dim() != 3:
-        raise ValueError(f"qkv must have shape (B, 3*C, T); got {tuple(qkv.shape)}")
+        raise ValueError(f"qkv must have shape (B, 3*C, T); got {qkv.dim()} dims, shape {tuple(qkv.shape)}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be 'legacy' or 'new'; got {layout!r}")
-    if not isinstance(num_heads, int) or num_heads < 1:
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
+        raise TypeError(f"num_heads must be an int; got {type(num_heads).__name__}")
+    if num_heads < 1:
         raise ValueError(f"num_heads must be a positive int; got {num_heads!r}")
     width = qkv.shape[1]
     if width % 3:
@@ -38,6 +41,9 @@ def attention(qkv: torch.Tensor, num_heads: int, layout: str = "legacy",
         raise ValueError(f"num_heads={num_heads} must divide C={width // 3} (qkv has 3*C={width} channels)")
 
     chosen = resolve(OP, backend, qkv.device)
+    if chosen == "cuda" and width // 3 // num_heads > CUDA_MAX_HEAD_DIM:
+        raise ValueError(f"backend='cuda' supports head dims C/num_heads up to {CUDA_MAX_HEAD_DIM}; "
+                         f"got {width // 3 // num_heads} (use backend='triton' or 'torch')")
     if chosen == "torch":
         return reference.attention(qkv, num_heads, layout)
     if chosen == "triton":
