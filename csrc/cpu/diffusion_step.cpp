@@ -4,7 +4,8 @@
 // Layout of the work:
 //   * the arithmetic runs on 16-wide SIMD values (Vec below) through the shared per-element math
 //     (csrc/include/diffusion_step_math.h) and the shared generator (csrc/include/philox.h);
-//     the hot functions are compiled for AVX-512, AVX2+FMA and the baseline and chosen at run time;
+//     the hot functions are compiled for AVX-512, AVX2+FMA and the baseline and chosen at run time
+//     (DDPM_FAST_CPU_ISA=avx2|baseline caps the choice);
 //   * no projection: at::parallel_for over (sample, chunk of kChunk elements);
 //   * "pixel": over (sample, block of kPixels pixels), channels iterated per pixel (NCHW: channel
 //     c of pixel p is element c * pixels + p);
@@ -19,7 +20,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "diffusion_step_args.h"
@@ -365,10 +368,14 @@ void run_baseline(const Call& a, int64_t begin, int64_t end) { Kernels<16, uint3
 
 using RunItems = void (*)(const Call&, int64_t, int64_t);
 
+// The widest instruction set this CPU has; the environment variable DDPM_FAST_CPU_ISA=avx2 or
+// baseline (read once) caps it, so that tests can run every variant on one machine.
 RunItems pick_isa() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) return run_avx512;
-  if (__builtin_cpu_supports("x86-64-v3")) return run_avx2;
+  const char* cap = std::getenv("DDPM_FAST_CPU_ISA");
+  const std::string limit = cap ? cap : "";
+  if (limit != "baseline" && limit != "avx2" && __builtin_cpu_supports("x86-64-v4")) return run_avx512;
+  if (limit != "baseline" && __builtin_cpu_supports("x86-64-v3")) return run_avx2;
   return run_baseline;
 }
 
