@@ -1,0 +1,447 @@
+// CPU kernel of ddpm_fast::diffusion_step: one pass over x / model_output / noise per element,
+// in-kernel Philox noise, projections, clip (definition: ddpm_fast/reference.py diffusion_step).
+//
+// Layout of the work:
+//   * the arithmetic runs on 16-wide SIMD values (Vec below) through the shared per-element math
+//     (csrc/include/diffusion_step_math.h) and the shared generator (csrc/include/philox.h);
+//     the hot functions are compiled for AVX-512, AVX2+FMA and the baseline and chosen at run time
+//     (DDPM_FAST_CPU_ISA=avx2|baseline caps the choice);
+//   * no projection: at::parallel_for over (sample, chunk of kChunk elements);
+//   * "pixel": over (sample, block of kPixels pixels), channels iterated per pixel (NCHW: channel
+//     c of pixel p is element c * pixels + p);
+//   * "sample": over samples; pass 1 writes x_new and x0 while summing |x_det - x0|^2 and
+//     |x_new - x0|^2, pass 2 rescales x_new in place (the image is still in cache).
+// fp16 / bf16 tensors are converted to float32 around the float32 kernel (this backend's fast
+// path is float32; the arithmetic is fp32 in every case).
+#pragma GCC optimize("no-math-errno")  // lets sqrt and friends vectorise (arguments are >= 0)
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "diffusion_step_args.h"
+#include "diffusion_step_math.h"
+#include "philox.h"
+
+namespace ddpm_fast {
+namespace {
+
+using step::Coefs;
+using step::Options;
+
+#define DDPM_CPU_INLINE inline __attribute__((always_inline))
+
+// ---- SIMD values: GCC vector extensions of kBytes (the register width of the instruction set the
+// calling function is compiled for: 64 AVX-512, 32 AVX2, 16 SSE2) ----------------------------------
+template <int kBytes>
+struct VecTypes;
+#define DDPM_VEC_TYPES(bytes)                                      \
+  template <>                                                      \
+  struct VecTypes<bytes> {                                         \
+    typedef float F __attribute__((vector_size(bytes)));           \
+    typedef int32_t I __attribute__((vector_size(bytes)));         \
+  };
+DDPM_VEC_TYPES(16)
+DDPM_VEC_TYPES(32)
+DDPM_VEC_TYPES(64)
+#undef DDPM_VEC_TYPES
+
+template <int kBytes>
+struct Vec {
+  using F = typename VecTypes<kBytes>::F;
+  using I = typename VecTypes<kBytes>::I;
+  static constexpr int kLanes = kBytes / 4;
+  F v;
+
+  DDPM_CPU_INLINE Vec() = default;
+  DDPM_CPU_INLINE Vec(F a) : v(a) {}              // NOLINT(google-explicit-constructor)
+  DDPM_CPU_INLINE Vec(float s) : v(F{} + s) {}    // NOLINT(google-explicit-constructor): broadcast
+  // The first n lanes from p (n <= kLanes), zeros after.
+  static DDPM_CPU_INLINE Vec load(const float* p, int n) {
+    Vec r;
+    if (n == kLanes) {
+      std::memcpy(&r.v, p, kBytes);
+    } else {
+      float lanes[kLanes] = {};
+      std::memcpy(lanes, p, n * sizeof(float));
+      std::memcpy(&r.v, lanes, kBytes);
+    }
+    return r;
+  }
+  DDPM_CPU_INLINE void store(float* p, int n) const {
+    if (n == kLanes) {
+      std::memcpy(p, &v, kBytes);
+    } else {
+      float lanes[kLanes];
+      std::memcpy(lanes, &v, kBytes);
+      std::memcpy(p, lanes, n * sizeof(float));
+    }
+  }
+  // Lanes n.. set to zero.
+  DDPM_CPU_INLINE Vec first(int n) const {
+    if (n == kLanes) return *this;
+    I lane{};
+    for (int l = 0; l < kLanes; ++l) lane[l] = l;
+    return Vec(lane < n ? v : F{});
+  }
+  DDPM_CPU_INLINE float sum() const {
+    float s = 0.0f;
+    for (int l = 0; l < kLanes; ++l) s += v[l];
+    return s;
+  }
+};
+
+#define DDPM_VEC_BINARY(op)                                                                   \
+  template <int B>                                                                            \
+  DDPM_CPU_INLINE Vec<B> operator op(Vec<B> a, Vec<B> b) {                                    \
+    return Vec<B>(a.v op b.v);                                                                \
+  }                                                                                           \
+  template <int B>                                                                            \
+  DDPM_CPU_INLINE Vec<B> operator op(Vec<B> a, float b) {                                     \
+    return Vec<B>(a.v op b);                                                                  \
+  }                                                                                           \
+  template <int B>                                                                            \
+  DDPM_CPU_INLINE Vec<B> operator op(float a, Vec<B> b) {                                     \
+    return Vec<B>(a op b.v);                                                                  \
+  }
+DDPM_VEC_BINARY(+)
+DDPM_VEC_BINARY(-)
+DDPM_VEC_BINARY(*)
+DDPM_VEC_BINARY(/)
+#undef DDPM_VEC_BINARY
+
+// The helpers step::step_element needs (found by argument-dependent lookup).
+// e^x for |x| < 87 as 2^n e^r, |r| <= ln(2) / 2, Taylor to r^7 (relative error ~1e-7).
+template <int B>
+DDPM_CPU_INLINE Vec<B> step_exp(Vec<B> a) {
+  using F = typename Vec<B>::F;
+  using I = typename Vec<B>::I;
+  F x = a.v < -87.0f ? F{} - 87.0f : a.v;
+  x = x > 88.0f ? F{} + 88.0f : x;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: (t + kRound) - kRound rounds t to an integer
+  const F n = (x * 1.44269504088896341f + kRound) - kRound;
+  const F r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  const F p =
+      1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6.0f + r * (1.0f / 24.0f + r * (1.0f / 120.0f +
+                                                                               r * (1.0f / 720.0f +
+                                                                                    r * (1.0f / 5040.0f)))))));
+  const I scale = (__builtin_convertvector(n, I) + 127) << 23;
+  return Vec<B>(p * (F)scale);
+}
+
+// Like torch.clamp: NaN stays NaN.
+template <int B>
+DDPM_CPU_INLINE Vec<B> step_clamp(Vec<B> a, float lo, float hi) {
+  using F = typename Vec<B>::F;
+  const F r = a.v < lo ? F{} + lo : a.v;
+  return Vec<B>(r > hi ? F{} + hi : r);
+}
+
+// ---- the call: pointers into float32 contiguous tensors and the options -----------------------------
+struct Call {
+  Options o;
+  step::Geometry g;
+  const float* x;
+  const float* model_output;
+  const float* noise;  // given noise, or null
+  const float* grad;   // guidance gradient, or null
+  const Coefs* coefs;  // (B,) rows, with derived values
+  const int64_t* seed;  // (B,) when the noise is drawn, else null
+  philox::StepWords step;
+  bool has_clip;
+  float clip_lo, clip_hi;
+  float* out;  // x_prev
+  float* x0;   // pred_x0, or null
+};
+
+constexpr int64_t kChunk = 4096;  // elements per work item (a multiple of every lane count)
+constexpr int64_t kPixels = 256;  // pixels per work item of the pixel projection
+constexpr int kBlockLanes = 16;   // Philox blocks drawn per loop iteration
+
+// Standard normals of elements first .. first + count - 1 of a sample (any alignment) into z;
+// tmp holds count + 4 * kBlockLanes + 8 floats. W: the Philox word type (philox.h).
+template <class W>
+DDPM_CPU_INLINE void fill_normals(philox::Key key, philox::StepWords st, int64_t first, int64_t count, float* z,
+                                  float* tmp) {
+  const int64_t block0 = first >> 2;
+  const int64_t offset = first & 3;
+  const int64_t blocks = (offset + count + 3) >> 2;
+  float* dst = (offset == 0 && (count & 3) == 0) ? z : tmp;
+  for (int64_t j0 = 0; j0 < blocks; j0 += kBlockLanes) {
+    uint32_t r0[kBlockLanes], r1[kBlockLanes], r2[kBlockLanes], r3[kBlockLanes];
+    for (int l = 0; l < kBlockLanes; ++l) {
+      W c[4] = {static_cast<W>(static_cast<uint32_t>(block0 + j0 + l)), static_cast<W>(st.lo),
+                static_cast<W>(st.hi), static_cast<W>(philox::kNoiseStream)};
+      philox::philox4x32_10(c, key);
+      r0[l] = static_cast<uint32_t>(c[0]);
+      r1[l] = static_cast<uint32_t>(c[1]);
+      r2[l] = static_cast<uint32_t>(c[2]);
+      r3[l] = static_cast<uint32_t>(c[3]);
+    }
+    float z0[kBlockLanes], z1[kBlockLanes], z2[kBlockLanes], z3[kBlockLanes];
+    for (int l = 0; l < kBlockLanes; ++l) {
+      philox::box_muller(r0[l], r1[l], z0[l], z1[l]);
+      philox::box_muller(r2[l], r3[l], z2[l], z3[l]);
+    }
+    const int64_t m = std::min<int64_t>(kBlockLanes, blocks - j0);
+    float* d = dst + 4 * j0;
+    for (int64_t l = 0; l < m; ++l) {
+      d[4 * l + 0] = z0[l];
+      d[4 * l + 1] = z1[l];
+      d[4 * l + 2] = z2[l];
+      d[4 * l + 3] = z3[l];
+    }
+  }
+  if (dst != z) std::memcpy(z, tmp + offset, count * sizeof(float));
+}
+
+// Scratch of one thread: the noise of a run, its Philox staging, and per-mode buffers.
+struct Scratch {
+  std::vector<float> z, tmp, buf;
+  explicit Scratch(int64_t run, int64_t extra = 0) : z(run), tmp(run + 4 * kBlockLanes + 8), buf(extra) {}
+};
+
+// One instruction set's kernels: B is the SIMD width in bytes, W the Philox word type.
+template <int B, class W>
+struct Kernels {
+  using V = Vec<B>;
+  static constexpr int kLanes = V::kLanes;
+
+  static DDPM_CPU_INLINE V clip(const Call& a, V v) { return a.has_clip ? step_clamp(v, a.clip_lo, a.clip_hi) : v; }
+
+  // The step before projection for elements first .. first + count - 1 of sample b: x_new -> x_new
+  // (clipped when `clip_now`), pred_x0 -> x0 (if not null), x_det -> x_det (if not null). Adds the
+  // sums of |x_det - x0|^2 and |x_new - x0|^2 over the run to sums[0..1] when `sums` is not null.
+  static DDPM_CPU_INLINE void run_elements(const Call& a, int64_t b, int64_t first, int64_t count, float* x_new,
+                                           float* x0, float* x_det, double* sums, bool clip_now, Scratch& s) {
+    const Options o = a.o;
+    const Coefs k = a.coefs[b];  // local copies: stores through float pointers cannot alias them
+    const float* xb = a.x + b * a.g.numel + first;
+    const float* pred = a.model_output + b * a.g.mo_stride + first;
+    const bool read_var = o.method == step::kDdpm && step::learned_variance(o.variance);
+    const float* var = read_var ? pred + a.g.numel : nullptr;
+    const float* grad = a.grad ? a.grad + b * a.g.numel + first : nullptr;
+    const float* z = a.noise ? a.noise + b * a.g.numel + first : nullptr;
+    if (a.seed) {
+      fill_normals<W>(philox::key_of_seed(a.seed[b]), a.step, first, count, s.z.data(), s.tmp.data());
+      z = s.z.data();
+    }
+    V radius2(0.0f), length2(0.0f);
+    for (int64_t i = 0; i < count; i += kLanes) {
+      const int n = static_cast<int>(std::min<int64_t>(kLanes, count - i));
+      const V xv = V::load(xb + i, n);
+      const V pv = V::load(pred + i, n);
+      const V vv = var ? V::load(var + i, n) : V(0.0f);
+      const V gv = grad ? V::load(grad + i, n) : V(0.0f);
+      const step::Values<V> r = step::step_element<V>(k, o, xv, pv, vv, gv);
+      const V xn = z ? r.x_det + r.scale * V::load(z + i, n) : r.x_det;
+      (clip_now ? clip(a, xn) : xn).store(x_new + i, n);
+      if (x0) r.x0.store(x0 + i, n);
+      if (x_det) r.x_det.store(x_det + i, n);
+      if (sums) {
+        const V d = (r.x_det - r.x0).first(n), e = (xn - r.x0).first(n);
+        radius2 = radius2 + d * d;
+        length2 = length2 + e * e;
+      }
+    }
+    if (sums) {
+      sums[0] += radius2.sum();
+      sums[1] += length2.sum();
+    }
+  }
+
+  // No projection: work items [begin, end) of (sample, chunk).
+  static DDPM_CPU_INLINE void items_plain(const Call& a, int64_t begin, int64_t end) {
+    const int64_t chunks = (a.g.numel + kChunk - 1) / kChunk;
+    Scratch s(kChunk);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / chunks, first = (item % chunks) * kChunk;
+      const int64_t count = std::min(kChunk, a.g.numel - first);
+      const int64_t offset = b * a.g.numel + first;
+      run_elements(a, b, first, count, a.out + offset, a.x0 ? a.x0 + offset : nullptr, nullptr, nullptr,
+                   a.has_clip, s);
+    }
+  }
+
+  // Projection "pixel": work items [begin, end) of (sample, block of kPixels pixels); channel c of
+  // pixel p is element c * pixels + p.
+  static DDPM_CPU_INLINE void items_pixel(const Call& a, int64_t begin, int64_t end) {
+    const int64_t c_count = a.g.channels, hw = a.g.pixels;
+    const int64_t blocks = (hw + kPixels - 1) / kPixels;
+    Scratch s(kPixels, 3 * c_count * kPixels + 3 * kPixels);
+    float* x_new = s.buf.data();
+    float* x0 = x_new + c_count * kPixels;
+    float* x_det = x0 + c_count * kPixels;
+    float* radius2 = x_det + c_count * kPixels;
+    float* length2 = radius2 + kPixels;
+    float* factor = length2 + kPixels;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / blocks, p0 = (item % blocks) * kPixels;
+      const int64_t count = std::min(kPixels, hw - p0);
+      for (int64_t c = 0; c < c_count; ++c) {
+        run_elements(a, b, c * hw + p0, count, x_new + c * kPixels, x0 + c * kPixels, x_det + c * kPixels,
+                     nullptr, false, s);
+      }
+      for (int64_t i = 0; i < count; i += kLanes) {
+        const int n = static_cast<int>(std::min<int64_t>(kLanes, count - i));
+        V r2(0.0f), l2(0.0f);
+        for (int64_t c = 0; c < c_count; ++c) {
+          const V x0v = V::load(x0 + c * kPixels + i, n);
+          const V d = V::load(x_det + c * kPixels + i, n) - x0v;
+          const V e = V::load(x_new + c * kPixels + i, n) - x0v;
+          r2 = r2 + d * d;
+          l2 = l2 + e * e;
+        }
+        r2.store(radius2 + i, n);
+        l2.store(length2 + i, n);
+      }
+      for (int64_t i = 0; i < count; ++i) {  // vectorised by the compiler (no libm calls)
+        const float l2 = length2[i];
+        const float ratio = radius2[i] / (l2 > 0.0f ? l2 : 1.0f);
+        factor[i] = l2 > 0.0f && ratio > 0.0f ? philox::sqrt_positive(ratio) : 0.0f;
+      }
+      for (int64_t c = 0; c < c_count; ++c) {
+        const int64_t offset = b * a.g.numel + c * hw + p0;
+        for (int64_t i = 0; i < count; i += kLanes) {
+          const int n = static_cast<int>(std::min<int64_t>(kLanes, count - i));
+          const V x0v = V::load(x0 + c * kPixels + i, n);
+          const V xn = V::load(x_new + c * kPixels + i, n);
+          clip(a, x0v + V::load(factor + i, n) * (xn - x0v)).store(a.out + offset + i, n);
+          if (a.x0) x0v.store(a.x0 + offset + i, n);
+        }
+      }
+    }
+  }
+
+  // Projection "sample": whole samples [begin, end). Pass 1 writes x_new to out (and x0) and sums
+  // the two squared norms; pass 2 rescales out in place while the sample is still in cache.
+  static DDPM_CPU_INLINE void items_sample(const Call& a, int64_t begin, int64_t end) {
+    const int64_t numel = a.g.numel;
+    Scratch s(kChunk, kChunk + (a.x0 ? 0 : numel));
+    float* x_det = s.buf.data();
+    for (int64_t b = begin; b < end; ++b) {
+      float* out = a.out + b * numel;
+      float* x0 = a.x0 ? a.x0 + b * numel : x_det + kChunk;
+      double sums[2] = {0.0, 0.0};
+      for (int64_t first = 0; first < numel; first += kChunk) {
+        const int64_t count = std::min(kChunk, numel - first);
+        run_elements(a, b, first, count, out + first, x0 + first, x_det, sums, false, s);
+      }
+      const float f = step::projection_factor(static_cast<float>(sums[0]), static_cast<float>(sums[1]));
+      for (int64_t i = 0; i < numel; i += kLanes) {
+        const int n = static_cast<int>(std::min<int64_t>(kLanes, numel - i));
+        const V x0v = V::load(x0 + i, n);
+        clip(a, x0v + f * (V::load(out + i, n) - x0v)).store(out + i, n);
+      }
+    }
+  }
+
+  static DDPM_CPU_INLINE void run(const Call& a, int64_t begin, int64_t end) {
+    switch (a.o.projection) {
+      case step::kProjectPixel:
+        items_pixel(a, begin, end);
+        break;
+      case step::kProjectSample:
+        items_sample(a, begin, end);
+        break;
+      default:
+        items_plain(a, begin, end);
+    }
+  }
+};
+
+// The same kernels compiled for three instruction sets, picked at run time.
+__attribute__((target("arch=x86-64-v4,prefer-vector-width=512"))) void run_avx512(const Call& a, int64_t begin,
+                                                                                    int64_t end) {
+  Kernels<64, uint64_t>::run(a, begin, end);
+}
+__attribute__((target("arch=x86-64-v3"))) void run_avx2(const Call& a, int64_t begin, int64_t end) {
+  Kernels<32, uint32_t>::run(a, begin, end);
+}
+void run_baseline(const Call& a, int64_t begin, int64_t end) { Kernels<16, uint32_t>::run(a, begin, end); }
+
+using RunItems = void (*)(const Call&, int64_t, int64_t);
+
+// The widest instruction set this CPU has; the environment variable DDPM_FAST_CPU_ISA=avx2 or
+// baseline (read once) caps it, so that tests can run every variant on one machine.
+RunItems pick_isa() {
+  __builtin_cpu_init();
+  const char* cap = std::getenv("DDPM_FAST_CPU_ISA");
+  const std::string limit = cap ? cap : "";
+  if (limit != "baseline" && limit != "avx2" && __builtin_cpu_supports("x86-64-v4")) return run_avx512;
+  if (limit != "baseline" && __builtin_cpu_supports("x86-64-v3")) return run_avx2;
+  return run_baseline;
+}
+
+std::tuple<at::Tensor, at::Tensor> diffusion_step_cpu(
+    const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& coef,
+    const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed,
+    const std::optional<at::Tensor>& step, const std::optional<at::Tensor>& guidance_grad, int64_t method,
+    int64_t prediction, int64_t variance, bool clip_denoised, int64_t noise_mode, int64_t project_noise,
+    std::optional<double> clip_lo, std::optional<double> clip_hi, bool eps_from_x0, bool return_x0) {
+  Call a{};
+  a.g = step::check_arguments(x, model_output, coef, noise, seed, step, guidance_grad, method, prediction, variance,
+                              clip_denoised, noise_mode, project_noise, clip_lo, clip_hi, eps_from_x0, a.o);
+  DDPM_CHECK(x.device().is_cpu(), "the CPU kernel got x on ", x.device());
+
+  const auto as_float = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  const at::Tensor xf = as_float(x), mof = as_float(model_output), coeff = as_float(coef);
+  at::Tensor noisef, gradf;
+  if (noise.has_value()) noisef = as_float(*noise);
+  if (guidance_grad.has_value()) gradf = as_float(*guidance_grad);
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  at::Tensor x0 = return_x0 ? at::empty(x.sizes(), x.options().dtype(at::kFloat)) : at::Tensor();
+
+  std::vector<Coefs> coefs(a.g.batch);
+  const float* rows = coeff.data_ptr<float>();
+  for (int64_t b = 0; b < a.g.batch; ++b) coefs[b] = step::load_coefs(rows + b * step::kNumCoefs);
+
+  a.x = xf.data_ptr<float>();
+  a.model_output = mof.data_ptr<float>();
+  a.noise = noise.has_value() ? noisef.data_ptr<float>() : nullptr;
+  a.grad = guidance_grad.has_value() ? gradf.data_ptr<float>() : nullptr;
+  a.coefs = coefs.data();
+  const at::Tensor seedc = seed.has_value() ? seed->contiguous() : at::Tensor();
+  a.seed = seed.has_value() ? seedc.data_ptr<int64_t>() : nullptr;
+  a.step = philox::step_words(step.has_value() ? step->item<int64_t>() : 0);
+  a.has_clip = clip_lo.has_value();
+  a.clip_lo = a.has_clip ? static_cast<float>(*clip_lo) : 0.0f;
+  a.clip_hi = a.has_clip ? static_cast<float>(*clip_hi) : 0.0f;
+  a.out = out.data_ptr<float>();
+  a.x0 = return_x0 ? x0.data_ptr<float>() : nullptr;
+
+  if (a.g.batch > 0 && a.g.numel > 0) {
+    static const RunItems run = pick_isa();  // NOLINT
+    int64_t items;
+    switch (a.o.projection) {
+      case step::kProjectPixel:
+        items = a.g.batch * ((a.g.pixels + kPixels - 1) / kPixels);
+        break;
+      case step::kProjectSample:
+        items = a.g.batch;
+        break;
+      default:
+        items = a.g.batch * ((a.g.numel + kChunk - 1) / kChunk);
+    }
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) { run(a, begin, end); });
+  }
+
+  const auto dtype = x.scalar_type();
+  if (dtype != at::kFloat) {
+    out = out.to(dtype);
+    if (return_x0) x0 = x0.to(dtype);
+  }
+  return {out, return_x0 ? x0 : at::empty({0}, x.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) { m.impl("diffusion_step", &diffusion_step_cpu); }
+
+}  // namespace ddpm_fast

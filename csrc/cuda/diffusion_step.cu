@@ -1,0 +1,347 @@
+// CUDA kernel of ddpm_fast::diffusion_step (definition: ddpm_fast/reference.py diffusion_step).
+//
+// Every thread handles 4 consecutive elements of one sample (one Philox block of in-kernel noise,
+// csrc/include/philox.h) with the shared per-element math (csrc/include/diffusion_step_math.h);
+// grid = (ceil(numel / (4 * kThreads)), B).
+//   * no projection: one kernel, one pass (reads x, model_output [, noise, grad], writes x_prev
+//     [, pred_x0]);
+//   * "pixel": each thread takes 4 consecutive pixels and loops over the channels twice (norms,
+//     then the result; the second loop recomputes the step instead of keeping C values);
+//   * "sample": two kernels without a host round trip. The first computes the step and writes
+//     each block's partial sums of |x_det - x0|^2 and |x_new - x0|^2; the second reduces the
+//     partials of its sample (in a fixed order: deterministic), recomputes the step and writes the
+//     projected result. Recomputing reads the inputs twice but writes the outputs once, which is
+//     less traffic than storing x_new / x0 in pass 1 and rescaling them in pass 2.
+// x / outputs have dtype S, model_output dtype M (a U-Net may run in fp16 beside an fp32 x); given
+// noise and the guidance gradient are read in x's dtype.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "diffusion_step_args.h"
+#include "diffusion_step_math.h"
+#include "philox.h"
+
+namespace ddpm_fast {
+namespace {
+
+using step::Coefs;
+using step::Options;
+
+constexpr int kThreads = 256;
+constexpr int kPerThread = 4;  // elements per thread: one Philox block
+constexpr int kPerBlock = kThreads * kPerThread;
+
+enum Mode : int { kPlain = 0, kStats = 1, kApply = 2 };
+
+struct Params {
+  Options o;
+  int64_t numel;      // elements of one sample
+  int64_t mo_stride;  // elements of one sample of model_output
+  int64_t pixels;
+  int64_t channels;
+  const float* coef;    // (B, kNumCoefs) float32
+  const int64_t* seed;  // (B,) or null
+  const int64_t* step;  // 0-dim, or null
+  bool has_clip;
+  float clip_lo, clip_hi;
+  bool vector_io;   // 4-element vector loads / stores are aligned
+  float* partial;   // (B, gridDim.x, 2) partial sums of the sample projection
+};
+
+template <class S, class M>
+struct Tensors {
+  const S* x;
+  const M* model_output;
+  const S* noise;  // or null
+  const S* grad;   // or null
+  S* out;
+  S* x0;  // or null
+};
+
+template <class T>
+struct alignas(sizeof(T) * 4) Pack4 {
+  T v[4];
+};
+
+// 4 consecutive values from p (elements i .. i + 3 of a run of n) as float; zeros past n.
+template <class T>
+__device__ __forceinline__ void load4(const T* p, int64_t i, int64_t n, bool vector_io, float v[4]) {
+  if (vector_io && i + 3 < n) {
+    const Pack4<T> pk = *reinterpret_cast<const Pack4<T>*>(p + i);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = static_cast<float>(pk.v[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = i + k < n ? static_cast<float>(p[i + k]) : 0.0f;
+  }
+}
+
+template <class T>
+__device__ __forceinline__ void store4(T* p, int64_t i, int64_t n, bool vector_io, const float v[4]) {
+  if (vector_io && i + 3 < n) {
+    Pack4<T> pk;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) pk.v[k] = static_cast<T>(v[k]);
+    *reinterpret_cast<Pack4<T>*>(p + i) = pk;
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if (i + k < n) p[i + k] = static_cast<T>(v[k]);
+    }
+  }
+}
+
+// Sum of v over the block (all threads must call; result valid in every thread).
+__device__ __forceinline__ float block_sum(float v, float* shared) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // shared may still be read by a previous call
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) total += shared[w];
+  return total;
+}
+
+// The block's sample's coefficients, loaded once per block.
+__device__ __forceinline__ Coefs block_coefs(const Params& p, int64_t b, float* shared) {
+  if (threadIdx.x < step::kNumCoefs) shared[threadIdx.x] = p.coef[b * step::kNumCoefs + threadIdx.x];
+  __syncthreads();
+  return step::load_coefs(shared);
+}
+
+// The step of elements first .. first + 3 of sample b (any alignment), before projection and clip.
+template <class S, class M>
+__device__ __forceinline__ void step4(const Tensors<S, M>& t, const Params& p, const Coefs& k, int64_t b,
+                                      int64_t first, bool vector_io, float x_new[4], float x0[4], float x_det[4]) {
+  const Options& o = p.o;
+  const int64_t n = p.numel;
+  float x[4], pred[4], var[4] = {0.0f, 0.0f, 0.0f, 0.0f}, grad[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  load4(t.x + b * n, first, n, vector_io, x);
+  load4(t.model_output + b * p.mo_stride, first, n, vector_io, pred);
+  if (o.method == step::kDdpm && step::learned_variance(o.variance)) {
+    load4(t.model_output + b * p.mo_stride + n, first, n, vector_io, var);
+  }
+  if (o.has_grad) load4(t.grad + b * n, first, n, vector_io, grad);
+  const bool has_noise = p.seed != nullptr || t.noise != nullptr;
+  if (p.seed != nullptr) {
+    const philox::Key key = philox::key_of_seed(p.seed[b]);
+    const philox::StepWords st = philox::step_words(*p.step);
+    if ((first & 3) == 0) {
+      philox::normal4(key, st, static_cast<uint32_t>(first >> 2), z);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) z[e] = philox::normal_at(key, st, static_cast<uint64_t>(first + e));
+    }
+  } else if (t.noise != nullptr) {
+    load4(t.noise + b * n, first, n, vector_io, z);
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const step::Values<float> v = step::step_element<float>(k, o, x[e], pred[e], var[e], grad[e]);
+    x_new[e] = has_noise ? v.x_det + v.scale * z[e] : v.x_det;
+    x0[e] = v.x0;
+    x_det[e] = v.x_det;
+  }
+}
+
+__device__ __forceinline__ float clip_value(const Params& p, float v) {
+  return p.has_clip ? step::step_clamp(v, p.clip_lo, p.clip_hi) : v;
+}
+
+// No projection (kPlain), or the two passes of the sample projection (kStats, kApply).
+template <class S, class M, int kMode>
+__global__ void __launch_bounds__(kThreads) step_kernel(Tensors<S, M> t, Params p) {
+  __shared__ float shared[32];
+  const int64_t b = blockIdx.y;
+  const Coefs k = block_coefs(p, b, shared);
+  float factor = 0.0f;
+  if (kMode == kApply) {  // reduce this sample's partial sums
+    float r2 = 0.0f, l2 = 0.0f;
+    for (int j = threadIdx.x; j < gridDim.x; j += kThreads) {
+      r2 += p.partial[(b * gridDim.x + j) * 2];
+      l2 += p.partial[(b * gridDim.x + j) * 2 + 1];
+    }
+    r2 = block_sum(r2, shared);
+    l2 = block_sum(l2, shared);
+    factor = step::projection_factor(r2, l2);
+  }
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kPerThread;
+  float r2 = 0.0f, l2 = 0.0f;
+  if (first < p.numel) {
+    float x_new[4], x0[4], x_det[4];
+    step4(t, p, k, b, first, p.vector_io, x_new, x0, x_det);
+    const int64_t base = b * p.numel;
+    if (kMode == kStats) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if (first + e < p.numel) {
+          r2 += (x_det[e] - x0[e]) * (x_det[e] - x0[e]);
+          l2 += (x_new[e] - x0[e]) * (x_new[e] - x0[e]);
+        }
+      }
+    } else {
+      float out[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        out[e] = clip_value(p, kMode == kApply ? x0[e] + factor * (x_new[e] - x0[e]) : x_new[e]);
+      }
+      store4(t.out + base, first, p.numel, p.vector_io, out);
+      if (t.x0 != nullptr) store4(t.x0 + base, first, p.numel, p.vector_io, x0);
+    }
+  }
+  if (kMode == kStats) {
+    r2 = block_sum(r2, shared);
+    l2 = block_sum(l2, shared);
+    if (threadIdx.x == 0) {
+      p.partial[(b * gridDim.x + blockIdx.x) * 2] = r2;
+      p.partial[(b * gridDim.x + blockIdx.x) * 2 + 1] = l2;
+    }
+  }
+}
+
+// The pixel projection: a thread takes pixels first .. first + 3 and every channel of them.
+template <class S, class M>
+__global__ void __launch_bounds__(kThreads) pixel_kernel(Tensors<S, M> t, Params p) {
+  __shared__ float shared[32];
+  const int64_t b = blockIdx.y;
+  const Coefs k = block_coefs(p, b, shared);
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kPerThread;
+  if (first >= p.pixels) return;
+  const bool vector_io = p.vector_io && (p.pixels & 3) == 0;
+  float r2[4] = {0.0f, 0.0f, 0.0f, 0.0f}, l2[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float x_new[4], x0[4], x_det[4];
+  for (int64_t c = 0; c < p.channels; ++c) {
+    step4(t, p, k, b, c * p.pixels + first, vector_io, x_new, x0, x_det);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      r2[e] += (x_det[e] - x0[e]) * (x_det[e] - x0[e]);
+      l2[e] += (x_new[e] - x0[e]) * (x_new[e] - x0[e]);
+    }
+  }
+  float factor[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) factor[e] = step::projection_factor(r2[e], l2[e]);
+  const int64_t last = p.pixels - first;  // elements of this run that exist in each channel
+  for (int64_t c = 0; c < p.channels; ++c) {
+    const int64_t offset = c * p.pixels + first;
+    step4(t, p, k, b, offset, vector_io, x_new, x0, x_det);
+    float out[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) out[e] = clip_value(p, x0[e] + factor[e] * (x_new[e] - x0[e]));
+    // store4 bounds by the run's end: pixels of this channel only
+    store4(t.out + b * p.numel + offset, 0, last, vector_io, out);
+    if (t.x0 != nullptr) store4(t.x0 + b * p.numel + offset, 0, last, vector_io, x0);
+  }
+}
+
+// f(value of the C++ type of `type`) for the three storage dtypes (check_arguments admitted no other).
+template <class F>
+void dispatch_float(at::ScalarType type, F&& f) {
+  switch (type) {
+    case at::kFloat:
+      f(float{});
+      return;
+    case at::kHalf:
+      f(at::Half{});
+      return;
+    case at::kBFloat16:
+      f(at::BFloat16{});
+      return;
+    default:
+      DDPM_CHECK(false, "unsupported dtype ", type);
+  }
+}
+
+bool aligned(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
+template <class S, class M>
+void launch(const Tensors<S, M>& t, Params p, int64_t batch, const at::Tensor& x) {
+  const size_t pack = 4 * sizeof(S), pack_m = 4 * sizeof(M);
+  p.vector_io = p.numel % 4 == 0 && aligned(t.x, pack) && aligned(t.out, pack) && aligned(t.model_output, pack_m) &&
+                (t.noise == nullptr || aligned(t.noise, pack)) && (t.grad == nullptr || aligned(t.grad, pack)) &&
+                (t.x0 == nullptr || aligned(t.x0, pack));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (p.o.projection == step::kProjectPixel) {
+    const dim3 grid((p.pixels + kPerBlock - 1) / kPerBlock, batch);
+    pixel_kernel<S, M><<<grid, kThreads, 0, stream>>>(t, p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const dim3 grid((p.numel + kPerBlock - 1) / kPerBlock, batch);
+  if (p.o.projection == step::kProjectSample) {
+    const at::Tensor partial = at::empty({batch, static_cast<int64_t>(grid.x), 2}, x.options().dtype(at::kFloat));
+    p.partial = partial.data_ptr<float>();
+    step_kernel<S, M, kStats><<<grid, kThreads, 0, stream>>>(t, p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    step_kernel<S, M, kApply><<<grid, kThreads, 0, stream>>>(t, p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  step_kernel<S, M, kPlain><<<grid, kThreads, 0, stream>>>(t, p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> diffusion_step_cuda(
+    const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& coef,
+    const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed,
+    const std::optional<at::Tensor>& step, const std::optional<at::Tensor>& guidance_grad, int64_t method,
+    int64_t prediction, int64_t variance, bool clip_denoised, int64_t noise_mode, int64_t project_noise,
+    std::optional<double> clip_lo, std::optional<double> clip_hi, bool eps_from_x0, bool return_x0) {
+  Params p{};
+  const step::Geometry g =
+      step::check_arguments(x, model_output, coef, noise, seed, step, guidance_grad, method, prediction, variance,
+                            clip_denoised, noise_mode, project_noise, clip_lo, clip_hi, eps_from_x0, p.o);
+  DDPM_CHECK(x.is_cuda(), "the CUDA kernel got x on ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+
+  const auto dtype = x.scalar_type();
+  const at::Tensor xc = x.contiguous(), moc = model_output.contiguous();
+  const at::Tensor coefc = coef.to(at::kFloat).contiguous();
+  at::Tensor noisec, gradc, seedc;
+  if (noise.has_value()) noisec = noise->to(dtype).contiguous();
+  if (guidance_grad.has_value()) gradc = guidance_grad->to(dtype).contiguous();
+  if (seed.has_value()) seedc = seed->contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor x0 = return_x0 ? at::empty_like(out) : at::empty({0}, x.options());
+
+  p.numel = g.numel;
+  p.mo_stride = g.mo_stride;
+  p.pixels = g.pixels;
+  p.channels = g.channels;
+  p.coef = coefc.data_ptr<float>();
+  p.seed = seed.has_value() ? seedc.data_ptr<int64_t>() : nullptr;
+  p.step = seed.has_value() ? step->data_ptr<int64_t>() : nullptr;
+  p.has_clip = clip_lo.has_value();
+  p.clip_lo = p.has_clip ? static_cast<float>(*clip_lo) : 0.0f;
+  p.clip_hi = p.has_clip ? static_cast<float>(*clip_hi) : 0.0f;
+  if (g.batch == 0 || g.numel == 0) return {out, x0};
+  DDPM_CHECK(g.batch <= 65535, "the CUDA kernel handles at most 65535 samples per call; got ", g.batch);
+
+  dispatch_float(dtype, [&](auto s_tag) {
+    using S = decltype(s_tag);
+    dispatch_float(moc.scalar_type(), [&](auto m_tag) {
+      using M = decltype(m_tag);
+      const Tensors<S, M> t{xc.data_ptr<S>(),
+                            moc.data_ptr<M>(),
+                            noise.has_value() ? noisec.data_ptr<S>() : nullptr,
+                            guidance_grad.has_value() ? gradc.data_ptr<S>() : nullptr,
+                            out.data_ptr<S>(),
+                            return_x0 ? x0.data_ptr<S>() : nullptr};
+      launch(t, p, g.batch, x);
+    });
+  });
+  return {out, x0};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) { m.impl("diffusion_step", &diffusion_step_cuda); }
+
+}  // namespace ddpm_fast

@@ -1,0 +1,161 @@
+// Per-element math of the fused reverse diffusion step, shared by the CPU and CUDA kernels.
+// The definition is ddpm_fast/reference.py diffusion_step; the coefficient columns and option codes
+// mirror ddpm_fast/step_layout.py (change them together; kernels/diffusion_step.py is the Triton
+// copy).
+//
+// step_element<T> is generic over the value type: float in the CUDA kernels (one element per call),
+// a fixed-width SIMD value in the CPU kernel (csrc/cpu/diffusion_step.cpp). T needs +, -, * and /
+// with T and float operands, construction from float, and the overloads step_exp(T) and
+// step_clamp(T, float, float) (found by argument-dependent lookup for class types).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "ddpm_fast_common.h"
+
+// DDPM_HD, and always inlined on the host too: the CPU kernel's loops vectorise only when every
+// call inside them is inlined.
+#ifndef DDPM_HD_INLINE
+#if defined(__CUDACC__)
+#define DDPM_HD_INLINE DDPM_HD
+#else
+#define DDPM_HD_INLINE inline __attribute__((always_inline))
+#endif
+#endif
+
+namespace ddpm_fast {
+namespace step {
+
+// ---- ddpm_fast/step_layout.py: coefficient columns of coef (B, kNumCoefs) float32 -------------
+enum Column : int {
+  kSqrtRecipAb = 0,    // 1 / sqrt(ab)
+  kSqrtRecipm1Ab = 1,  // sqrt(1 / ab - 1)
+  kSqrtAb = 2,         // sqrt(ab)
+  kSqrt1mAb = 3,       // sqrt(1 - ab)
+  kPostCoef1 = 4,      // posterior mean coefficient of x0
+  kPostCoef2 = 5,      // posterior mean coefficient of x_t
+  kLogVarMin = 6,      // DDPM log variance (fixed), or the min end of learned_range
+  kLogVarMax = 7,      // learned_range: the max end (log beta)
+  kVariance = 8,       // DDPM fixed variance used by classifier guidance
+  kSqrtAbPrev = 9,     // DDIM sqrt(ab_prev)
+  kDdimDir = 10,       // DDIM coefficient of eps
+  kDdimSigma = 11,     // DDIM sigma (eta inside)
+  kNonzero = 12,       // 1 when the step adds noise
+  kNumCoefs = 13,
+};
+
+// ---- ddpm_fast/step_layout.py: option codes (index in METHODS, PREDICTIONS, ...) ---------------
+enum Method : int { kDdpm = 0, kDdim = 1 };
+enum Prediction : int { kEpsilon = 0, kPredX0 = 1, kPredV = 2 };
+enum Variance : int { kFixedSmall = 0, kFixedLarge = 1, kLearnedRange = 2, kLearned = 3 };
+enum NoiseMode : int { kNoiseNormal = 0, kNoiseSquared = 1, kNoiseZero = 2 };
+enum Projection : int { kProjectNone = 0, kProjectPixel = 1, kProjectSample = 2 };
+
+DDPM_HD_INLINE bool learned_variance(int variance) { return variance == kLearnedRange || variance == kLearned; }
+
+// The options of one call, uniform over the batch.
+struct Options {
+  int method;
+  int prediction;
+  int variance;
+  int noise_mode;
+  int projection;
+  bool clip_denoised;
+  bool eps_from_x0;
+  bool has_grad;
+};
+
+// One sample's coefficient row, plus the per-sample values the fixed variances derive from it.
+struct Coefs {
+  float c[kNumCoefs];
+  float fixed_std;  // exp(0.5 * c[kLogVarMin])
+
+  DDPM_HD_INLINE float operator[](int i) const { return c[i]; }
+};
+
+DDPM_HD_INLINE Coefs load_coefs(const float* row) {
+  Coefs k;
+  for (int i = 0; i < kNumCoefs; ++i) k.c[i] = row[i];
+  k.fixed_std = expf(0.5f * k.c[kLogVarMin]);
+  return k;
+}
+
+// Scalar overloads of the helpers step_element uses (a SIMD type brings its own).
+DDPM_HD_INLINE float step_exp(float v) { return expf(v); }
+
+// Like torch.clamp: NaN stays NaN.
+DDPM_HD_INLINE float step_clamp(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// What an element's step yields before noise, projection and clip:
+// x_new = x_det + scale * z, the predicted x0 (the value returned as pred_x0).
+template <class T>
+struct Values {
+  T x_det;
+  T x0;
+  T scale;
+};
+
+// One element (or one SIMD value of elements) of one sample. pred is the model's eps / x0 / v,
+// var_out its variance channel (read only for learned variances with DDPM), grad the classifier
+// guidance gradient (read only when o.has_grad).
+template <class T>
+DDPM_HD_INLINE Values<T> step_element(const Coefs& k, const Options& o, T x, T pred, T var_out, T grad) {
+  T x0_raw = pred;
+  if (o.prediction == kEpsilon) {
+    x0_raw = k[kSqrtRecipAb] * x - k[kSqrtRecipm1Ab] * pred;
+  } else if (o.prediction == kPredV) {
+    x0_raw = k[kSqrtAb] * x - k[kSqrt1mAb] * pred;
+  }
+  T x0 = o.clip_denoised ? step_clamp(x0_raw, -1.0f, 1.0f) : x0_raw;
+
+  T x_det = x0;
+  T std = T(0.0f);
+  if (o.method == kDdpm) {
+    T mean = k[kPostCoef1] * x0 + k[kPostCoef2] * x;
+    if (o.variance == kFixedSmall || o.variance == kFixedLarge) {
+      if (o.has_grad) mean = mean + k[kVariance] * grad;
+      std = T(k.fixed_std);
+    } else {
+      T log_var = var_out;
+      if (o.variance == kLearnedRange) {
+        const T frac = (var_out + 1.0f) / 2.0f;
+        log_var = frac * k[kLogVarMax] + (1.0f - frac) * k[kLogVarMin];
+      }
+      if (o.has_grad) mean = mean + step_exp(log_var) * grad;
+      std = step_exp(0.5f * log_var);
+    }
+    x_det = mean;
+  } else {
+    T eps = pred;
+    if (o.has_grad) {
+      eps = (k[kSqrtRecipAb] * x - x0) / k[kSqrtRecipm1Ab] - k[kSqrt1mAb] * grad;
+      x0 = k[kSqrtRecipAb] * x - k[kSqrtRecipm1Ab] * eps;
+    } else if (o.eps_from_x0) {
+      eps = (k[kSqrtRecipAb] * x - x0) / k[kSqrtRecipm1Ab];
+    } else if (o.prediction == kPredV) {
+      eps = k[kSqrtAb] * pred + k[kSqrt1mAb] * x;
+    } else if (o.prediction == kPredX0) {
+      eps = (k[kSqrtRecipAb] * x - x0_raw) / k[kSqrtRecipm1Ab];
+    }
+    x_det = k[kSqrtAbPrev] * x0 + k[kDdimDir] * eps;
+    std = T(k[kDdimSigma]);
+  }
+
+  T scale = T(0.0f);
+  if (o.noise_mode == kNoiseNormal) {
+    scale = std * k[kNonzero];
+  } else if (o.noise_mode == kNoiseSquared) {
+    scale = (std * std) * k[kNonzero];
+  }
+  return Values<T>{x_det, x0, scale};
+}
+
+// The projection's factor: x_out = x0 + factor * (x_new - x0) puts x_out on the sphere of radius
+// sqrt(radius2) around x0 in the direction of x_new - x0 (x0 itself where that length is 0).
+DDPM_HD_INLINE float projection_factor(float radius2, float length2) {
+  return length2 > 0.0f ? sqrtf(radius2) / sqrtf(length2) : 0.0f;
+}
+
+}  // namespace step
+}  // namespace ddpm_fast
