@@ -173,7 +173,7 @@ void channel_moments_nchw(const T* x, int64_t planes, int64_t len, Moments<doubl
 template <typename T>
 void channel_moments_nhwc(const T* x, int64_t n_samples, int64_t pixels, int64_t channels,
                           Moments<double>* out) {
-  const int64_t chunk_px = std::max<int64_t>(1, 16384 / channels);
+  const int64_t chunk_px = std::max<int64_t>(1, 32768 / channels);
   const int64_t chunks = (pixels + chunk_px - 1) / chunk_px;
   const int64_t cvec_end = channels - channels % kStep;
   std::vector<float> shift(n_samples * channels);
@@ -183,41 +183,55 @@ void channel_moments_nhwc(const T* x, int64_t n_samples, int64_t pixels, int64_t
   // partial[(n * chunks + k) * 2 * C + {0, C} + c]: s1, s2 of chunk k
   std::vector<double> partial(n_samples * chunks * 2 * channels);
 
+  // Pixel blocks small enough to stay in L1 (<= ~32 KiB of fp32); within a block each chunk of
+  // 2 * kVec channels runs down the block's pixels with its sums in registers.
+  const int64_t block_px = std::clamp<int64_t>(16384 / channels, 1, 2 * kFlushSteps);
   at::parallel_for(0, n_samples * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(2 * channels);  // fp32 accumulators of one flush block
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / chunks, k = task % chunks;
       const int64_t p_begin = k * chunk_px, p_end = std::min(pixels, p_begin + chunk_px);
       const float* sh = shift.data() + n * channels;
       double* d1 = partial.data() + task * 2 * channels;
       double* d2 = d1 + channels;
-      for (int64_t p0 = p_begin; p0 < p_end; p0 += kFlushSteps) {
-        const int64_t p1 = std::min(p_end, p0 + kFlushSteps);
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        float* a1 = acc.data();
-        float* a2 = a1 + channels;
-        for (int64_t p = p0; p < p1; ++p) {
-          const T* row = x + (n * pixels + p) * channels;
-          int64_t c = 0;
-          for (; c < cvec_end; c += kStep) {
+      for (int64_t p0 = p_begin; p0 < p_end; p0 += block_px) {
+        const int64_t p1 = std::min(p_end, p0 + block_px);
+        const T* rows = x + (n * pixels + p0) * channels;
+        int64_t c = 0;
+        for (; c < cvec_end; c += kStep) {
+          const Vec sh_lo = Vec::loadu(sh + c), sh_hi = Vec::loadu(sh + c + kVec);
+          Vec a_lo(0.0f), a_hi(0.0f), q_lo(0.0f), q_hi(0.0f);
+          const T* px = rows + c;
+          for (int64_t p = p0; p < p1; ++p, px += channels) {
             Vec lo, hi;
-            load2(row + c, lo, hi);
-            lo = lo - Vec::loadu(sh + c);
-            hi = hi - Vec::loadu(sh + c + kVec);
-            (Vec::loadu(a1 + c) + lo).store(a1 + c);
-            (Vec::loadu(a1 + c + kVec) + hi).store(a1 + c + kVec);
-            at::vec::fmadd(lo, lo, Vec::loadu(a2 + c)).store(a2 + c);
-            at::vec::fmadd(hi, hi, Vec::loadu(a2 + c + kVec)).store(a2 + c + kVec);
+            load2(px, lo, hi);
+            lo = lo - sh_lo;
+            hi = hi - sh_hi;
+            a_lo = a_lo + lo;
+            a_hi = a_hi + hi;
+            q_lo = at::vec::fmadd(lo, lo, q_lo);
+            q_hi = at::vec::fmadd(hi, hi, q_hi);
           }
-          for (; c < channels; ++c) {
-            const float d = static_cast<float>(row[c]) - sh[c];
-            a1[c] += d;
-            a2[c] += d * d;
+          alignas(64) float lanes[4][kVec];
+          a_lo.store(lanes[0]);
+          a_hi.store(lanes[1]);
+          q_lo.store(lanes[2]);
+          q_hi.store(lanes[3]);
+          for (int64_t j = 0; j < kVec; ++j) {
+            d1[c + j] += lanes[0][j];
+            d1[c + kVec + j] += lanes[1][j];
+            d2[c + j] += lanes[2][j];
+            d2[c + kVec + j] += lanes[3][j];
           }
         }
-        for (int64_t c = 0; c < channels; ++c) {
-          d1[c] += a1[c];
-          d2[c] += a2[c];
+        for (; c < channels; ++c) {
+          float s1 = 0.0f, s2 = 0.0f;
+          for (int64_t p = p0; p < p1; ++p) {
+            const float d = static_cast<float>(rows[(p - p0) * channels + c]) - sh[c];
+            s1 += d;
+            s2 += d * d;
+          }
+          d1[c] += s1;
+          d2[c] += s2;
         }
       }
     }
@@ -283,10 +297,14 @@ void apply_nhwc(const T* x, T* y, int64_t n_samples, int64_t pixels, int64_t cha
                 const float* a, const float* b) {
   const int64_t grain = std::max<int64_t>(1, 32768 / channels);
   at::parallel_for(0, n_samples * pixels, grain, [&](int64_t begin, int64_t end) {
+    int64_t n = begin / pixels, p = begin % pixels;  // no division per row
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / pixels;
       apply_row<T, kSilu>(x + row * channels, y + row * channels, channels, a + n * channels,
                           b + n * channels);
+      if (++p == pixels) {
+        p = 0;
+        ++n;
+      }
     }
   });
 }
