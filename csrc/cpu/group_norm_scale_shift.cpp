@@ -1,0 +1,461 @@
+// CPU kernel of ddpm_fast::group_norm_scale_shift (ADM's AdaGN, see csrc/include/group_norm_math.h).
+//
+// Two passes over x:
+//   1. statistics: per-(n, c) moments in one read (fp32 SIMD lanes of values shifted by one value
+//      of the channel, flushed every few hundred elements into double), merged per group with
+//      Chan's formula in double;
+//   2. apply: per (n, c) the normalisation, GroupNorm affine and AdaGN scale-shift are folded into
+//      y = a * x + b, so the inner loop is one FMA (+ SiLU) per element.
+// NCHW: pass 1 runs over the (n, c) planes, pass 2 too. Channels-last (NHWC / NDHWC / NLC): pass 1
+// runs over (n, pixel chunk) with per-channel accumulators vectorised along C, pass 2 over pixel
+// rows with the coefficient vectors of sample n. Both passes are parallel (at::parallel_for).
+//
+// SIMD: at::vec::Vectorized<float>. On x86-64 the kernel section is compiled for AVX2+FMA+F16C
+// (the CPU is checked at run time; a CPU without them gets the composite ATen ops). Everything that
+// is not vector code is included and compiled before that section, for the baseline target.
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+#include <ATen/NumericUtils.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/Math.h>
+#include <ATen/native/cpu/zmath.h>
+#include <c10/util/BFloat16-math.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/MathConstants.h>
+#include <c10/util/copysign.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <type_traits>
+#include <vector>
+
+#include "group_norm_host.h"
+#include "group_norm_math.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(CPU_CAPABILITY)
+#define DDPM_GN_X86_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+// sleef.h declares its AVX2 functions (which the vec headers name but this kernel never calls)
+// only when __AVX__ is predefined, which a target pragma does not do.
+#define SLEEF_STATIC_LIBS
+#ifndef __AVX__
+#define __AVX__ 1
+#include <sleef.h>
+#undef __AVX__
+#endif
+#endif
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+namespace ddpm_fast {
+namespace {
+
+using gn::ChannelAffine;
+using gn::Moments;
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+constexpr int64_t kStep = 2 * kVec;  // elements per inner iteration (two float vectors)
+// fp32 lanes accumulate this many steps before they are flushed into double.
+constexpr int64_t kFlushSteps = 32;
+
+// ---- loads/stores of 2 * kVec elements as two float vectors -----------------------------------
+template <typename T>
+inline void load2(const T* p, Vec& lo, Vec& hi) {
+  if constexpr (std::is_same_v<T, float>) {
+    lo = Vec::loadu(p);
+    hi = Vec::loadu(p + kVec);
+  } else {
+    at::vec::load_to_float<T>(p, lo, hi);
+  }
+}
+
+template <typename T>
+inline void store2(T* p, const Vec& lo, const Vec& hi) {
+  if constexpr (std::is_same_v<T, float>) {
+    lo.store(p);
+    hi.store(p + kVec);
+  } else {
+    at::vec::convert_from_float<T>(lo, hi).store(p);
+  }
+}
+
+inline double lane_sum(const Vec& v) {
+  alignas(64) float lanes[kVec];
+  v.store(lanes);
+  double s = 0.0;
+  for (int64_t j = 0; j < kVec; ++j) s += lanes[j];
+  return s;
+}
+
+// SiLU(y) = y / (1 + exp(-y)): its exp is the costly part of the apply pass (the FMA ports are the
+// bottleneck). On x86 a lean AVX2 version: exp(t) = 2^n * p(r), n = round(t / ln 2),
+// r = t - n ln 2 in [-ln2/2, ln2/2], p a degree-4 minimax polynomial (relative error < 3e-6, which
+// moves SiLU by < 1e-6 absolutely: |d silu| <= |y| s (1 - s) |d exp / exp| <= 0.45 |...|), with t
+// clamped to +-87 so that 2^n stays a normal float. Where the one-constant reduction loses digits
+// (|t| large) sigmoid is saturated and the error does not show. Elsewhere at::vec's exp_u20.
+inline Vec silu(const Vec& y) {
+#ifdef DDPM_GN_X86_AVX2
+  const __m256 yc = _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(87.0f));
+  // k = -y log2(e) + (1.5 * 2^23 + 127): its low mantissa bits hold round(-y log2 e) + 127.
+  const __m256 magic = _mm256_set1_ps(12582912.0f + 127.0f);
+  const __m256 k = _mm256_fnmadd_ps(yc, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 n = _mm256_sub_ps(k, magic);
+  const __m256 r = _mm256_fnmsub_ps(n, _mm256_set1_ps(0.693147180559945309f), yc);  // -y - n ln2
+  __m256 p = _mm256_set1_ps(0.041513849f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.167874739f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.50003016f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.99996686f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(k), 23));
+  // A division beats reciprocal + Newton here: it runs beside the FMA ports.
+  return Vec(_mm256_div_ps(y, _mm256_fmadd_ps(p, two_n, _mm256_set1_ps(1.0f))));
+#else
+  return y / (Vec(1.0f) + y.neg().exp_u20());
+#endif
+}
+
+template <bool kSilu>
+inline Vec fused_vec(const Vec& x, const Vec& a, const Vec& b) {
+  const Vec y = at::vec::fmadd(a, x, b);
+  if constexpr (kSilu) return silu(y);
+  return y;
+}
+
+// ---- pass 1: per-(n, c) moments ---------------------------------------------------------------
+
+// Moments of one contiguous plane of `len` values (NCHW), shifted by its first value.
+template <typename T>
+Moments<double> plane_moments(const T* p, int64_t len) {
+  const float shift = static_cast<float>(p[0]);
+  const Vec vshift(shift);
+  double s1 = 0.0, s2 = 0.0;
+  int64_t i = 0;
+  const int64_t vec_end = len - len % kStep;
+  while (i < vec_end) {
+    const int64_t block_end = std::min(vec_end, i + kFlushSteps * kStep);
+    Vec a1(0.0f), a2(0.0f), q1(0.0f), q2(0.0f);
+    for (; i < block_end; i += kStep) {
+      Vec lo, hi;
+      load2(p + i, lo, hi);
+      lo = lo - vshift;
+      hi = hi - vshift;
+      a1 = a1 + lo;
+      a2 = a2 + hi;
+      q1 = at::vec::fmadd(lo, lo, q1);
+      q2 = at::vec::fmadd(hi, hi, q2);
+    }
+    s1 += lane_sum(a1 + a2);
+    s2 += lane_sum(q1 + q2);
+  }
+  for (; i < len; ++i) {
+    const double d = static_cast<double>(static_cast<float>(p[i]) - shift);
+    s1 += d;
+    s2 += d * d;
+  }
+  return gn::moments_from_shifted_sums<double>(static_cast<double>(len), shift, s1, s2);
+}
+
+template <typename T>
+void channel_moments_nchw(const T* x, int64_t planes, int64_t len, Moments<double>* out) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(len, 1));
+  at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t nc = begin; nc < end; ++nc) out[nc] = plane_moments(x + nc * len, len);
+  });
+}
+
+// Channels-last: x is (N, P, C) dense. Each task sums one chunk of pixels of one sample into
+// per-channel shifted sums (shift: the sample's first pixel), which are added up afterwards.
+template <typename T>
+void channel_moments_nhwc(const T* x, int64_t n_samples, int64_t pixels, int64_t channels,
+                          Moments<double>* out) {
+  const int64_t chunk_px = std::max<int64_t>(1, 32768 / channels);
+  const int64_t chunks = (pixels + chunk_px - 1) / chunk_px;
+  const int64_t cvec_end = channels - channels % kStep;
+  std::vector<float> shift(n_samples * channels);
+  for (int64_t n = 0; n < n_samples; ++n)
+    for (int64_t c = 0; c < channels; ++c)
+      shift[n * channels + c] = static_cast<float>(x[n * pixels * channels + c]);
+  // partial[(n * chunks + k) * 2 * C + {0, C} + c]: s1, s2 of chunk k
+  std::vector<double> partial(n_samples * chunks * 2 * channels);
+
+  // Pixel blocks small enough to stay in L1 (<= ~32 KiB of fp32); within a block each chunk of
+  // 2 * kVec channels runs down the block's pixels with its sums in registers.
+  const int64_t block_px = std::clamp<int64_t>(16384 / channels, 1, 2 * kFlushSteps);
+  at::parallel_for(0, n_samples * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / chunks, k = task % chunks;
+      const int64_t p_begin = k * chunk_px, p_end = std::min(pixels, p_begin + chunk_px);
+      const float* sh = shift.data() + n * channels;
+      double* d1 = partial.data() + task * 2 * channels;
+      double* d2 = d1 + channels;
+      for (int64_t p0 = p_begin; p0 < p_end; p0 += block_px) {
+        const int64_t p1 = std::min(p_end, p0 + block_px);
+        const T* rows = x + (n * pixels + p0) * channels;
+        int64_t c = 0;
+        for (; c < cvec_end; c += kStep) {
+          const Vec sh_lo = Vec::loadu(sh + c), sh_hi = Vec::loadu(sh + c + kVec);
+          Vec a_lo(0.0f), a_hi(0.0f), q_lo(0.0f), q_hi(0.0f);
+          const T* px = rows + c;
+          for (int64_t p = p0; p < p1; ++p, px += channels) {
+            Vec lo, hi;
+            load2(px, lo, hi);
+            lo = lo - sh_lo;
+            hi = hi - sh_hi;
+            a_lo = a_lo + lo;
+            a_hi = a_hi + hi;
+            q_lo = at::vec::fmadd(lo, lo, q_lo);
+            q_hi = at::vec::fmadd(hi, hi, q_hi);
+          }
+          alignas(64) float lanes[4][kVec];
+          a_lo.store(lanes[0]);
+          a_hi.store(lanes[1]);
+          q_lo.store(lanes[2]);
+          q_hi.store(lanes[3]);
+          for (int64_t j = 0; j < kVec; ++j) {
+            d1[c + j] += lanes[0][j];
+            d1[c + kVec + j] += lanes[1][j];
+            d2[c + j] += lanes[2][j];
+            d2[c + kVec + j] += lanes[3][j];
+          }
+        }
+        for (; c < channels; ++c) {
+          float s1 = 0.0f, s2 = 0.0f;
+          for (int64_t p = p0; p < p1; ++p) {
+            const float d = static_cast<float>(rows[(p - p0) * channels + c]) - sh[c];
+            s1 += d;
+            s2 += d * d;
+          }
+          d1[c] += s1;
+          d2[c] += s2;
+        }
+      }
+    }
+  });
+
+  for (int64_t n = 0; n < n_samples; ++n) {
+    for (int64_t c = 0; c < channels; ++c) {
+      double s1 = 0.0, s2 = 0.0;
+      for (int64_t k = 0; k < chunks; ++k) {
+        const double* d = partial.data() + (n * chunks + k) * 2 * channels;
+        s1 += d[c];
+        s2 += d[channels + c];
+      }
+      out[n * channels + c] = gn::moments_from_shifted_sums<double>(
+          static_cast<double>(pixels), shift[n * channels + c], s1, s2);
+    }
+  }
+}
+
+// ---- pass 2: y = a * x + b (+ SiLU) -----------------------------------------------------------
+
+// A contiguous run of `len` elements sharing one (a, b).
+template <typename T, bool kSilu>
+void apply_plane(const T* x, T* y, int64_t len, float a, float b) {
+  const Vec va(a), vb(b);
+  const int64_t vec_end = len - len % kStep;
+  int64_t i = 0;
+  for (; i < vec_end; i += kStep) {
+    Vec lo, hi;
+    load2(x + i, lo, hi);
+    store2(y + i, fused_vec<kSilu>(lo, va, vb), fused_vec<kSilu>(hi, va, vb));
+  }
+  for (; i < len; ++i)
+    y[i] = static_cast<T>(gn::apply_element(static_cast<float>(x[i]), a, b, kSilu));
+}
+
+// One pixel row of `channels` elements with per-channel coefficients a[c], b[c].
+template <typename T, bool kSilu>
+void apply_row(const T* x, T* y, int64_t channels, const float* a, const float* b) {
+  const int64_t vec_end = channels - channels % kStep;
+  int64_t c = 0;
+  for (; c < vec_end; c += kStep) {
+    Vec lo, hi;
+    load2(x + c, lo, hi);
+    store2(y + c, fused_vec<kSilu>(lo, Vec::loadu(a + c), Vec::loadu(b + c)),
+           fused_vec<kSilu>(hi, Vec::loadu(a + c + kVec), Vec::loadu(b + c + kVec)));
+  }
+  for (; c < channels; ++c)
+    y[c] = static_cast<T>(gn::apply_element(static_cast<float>(x[c]), a[c], b[c], kSilu));
+}
+
+template <typename T, bool kSilu>
+void apply_nchw(const T* x, T* y, int64_t planes, int64_t len, const float* a, const float* b) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(len, 1));
+  at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t nc = begin; nc < end; ++nc)
+      apply_plane<T, kSilu>(x + nc * len, y + nc * len, len, a[nc], b[nc]);
+  });
+}
+
+template <typename T, bool kSilu>
+void apply_nhwc(const T* x, T* y, int64_t n_samples, int64_t pixels, int64_t channels,
+                const float* a, const float* b) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / channels);
+  at::parallel_for(0, n_samples * pixels, grain, [&](int64_t begin, int64_t end) {
+    int64_t n = begin / pixels, p = begin % pixels;  // no division per row
+    for (int64_t row = begin; row < end; ++row) {
+      apply_row<T, kSilu>(x + row * channels, y + row * channels, channels, a + n * channels,
+                          b + n * channels);
+      if (++p == pixels) {
+        p = 0;
+        ++n;
+      }
+    }
+  });
+}
+
+// ---- the whole op on a dense NCHW-contiguous or channels-last-dense x -------------------------
+
+struct Params {
+  int64_t n, c, pixels, groups;
+  double eps;
+  bool silu;
+  bool channels_last;
+  const float* weight;  // (C,) or nullptr
+  const float* bias;
+  const float* scale;   // (N, C) or nullptr
+  const float* shift;
+};
+
+// Group statistics from the per-channel moments, then the per-(n, c) coefficients.
+void fold_coefficients(const Params& p, const Moments<double>* chan, float* a, float* b) {
+  const int64_t cg = p.c / p.groups;
+  for (int64_t n = 0; n < p.n; ++n) {
+    for (int64_t g = 0; g < p.groups; ++g) {
+      Moments<double> m = gn::moments_empty<double>();
+      for (int64_t j = 0; j < cg; ++j) m = gn::moments_merge(m, chan[n * p.c + g * cg + j]);
+      const double rstd = gn::group_rstd<double>(m, p.eps);
+      for (int64_t j = 0; j < cg; ++j) {
+        const int64_t c = g * cg + j, nc = n * p.c + c;
+        const ChannelAffine<double> f = gn::channel_affine<double>(
+            m.mean, rstd, p.weight ? p.weight[c] : 1.0, p.bias ? p.bias[c] : 0.0,
+            p.scale ? p.scale[nc] : 0.0, p.shift ? p.shift[nc] : 0.0);
+        a[nc] = static_cast<float>(f.a);
+        b[nc] = static_cast<float>(f.b);
+      }
+    }
+  }
+}
+
+template <typename T>
+void run_dense(const Params& p, const T* x, T* y) {
+  std::vector<Moments<double>> chan(p.n * p.c);
+  if (p.channels_last)
+    channel_moments_nhwc(x, p.n, p.pixels, p.c, chan.data());
+  else
+    channel_moments_nchw(x, p.n * p.c, p.pixels, chan.data());
+  std::vector<float> a(p.n * p.c), b(p.n * p.c);
+  fold_coefficients(p, chan.data(), a.data(), b.data());
+  if (p.channels_last) {
+    if (p.silu)
+      apply_nhwc<T, true>(x, y, p.n, p.pixels, p.c, a.data(), b.data());
+    else
+      apply_nhwc<T, false>(x, y, p.n, p.pixels, p.c, a.data(), b.data());
+  } else {
+    if (p.silu)
+      apply_nchw<T, true>(x, y, p.n * p.c, p.pixels, a.data(), b.data());
+    else
+      apply_nchw<T, false>(x, y, p.n * p.c, p.pixels, a.data(), b.data());
+  }
+}
+
+void run_dense_dispatch(const Params& p, const at::Tensor& x, at::Tensor& y) {
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      run_dense<float>(p, x.const_data_ptr<float>(), y.mutable_data_ptr<float>());
+      break;
+    case at::kHalf:
+      run_dense<c10::Half>(p, x.const_data_ptr<c10::Half>(), y.mutable_data_ptr<c10::Half>());
+      break;
+    case at::kBFloat16:
+      run_dense<c10::BFloat16>(p, x.const_data_ptr<c10::BFloat16>(),
+                               y.mutable_data_ptr<c10::BFloat16>());
+      break;
+    default:
+      DDPM_CHECK(false, "group_norm_scale_shift: x must be float32, float16 or bfloat16");
+  }
+}
+
+}  // namespace
+}  // namespace ddpm_fast
+
+#ifdef DDPM_GN_X86_AVX2
+#pragma GCC pop_options
+#undef CPU_CAPABILITY
+#undef CPU_CAPABILITY_AVX2
+#endif
+
+// ---- host entry (baseline target) --------------------------------------------------------------
+namespace ddpm_fast {
+namespace {
+
+bool simd_supported() {
+#ifdef DDPM_GN_X86_AVX2
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }();
+  return supported;
+#else
+  return true;
+#endif
+}
+
+// Without AVX2/FMA/F16C: the same math with composite ATen ops.
+at::Tensor composite(const at::Tensor& x, int64_t groups, const std::optional<at::Tensor>& weight,
+                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                     const std::optional<at::Tensor>& shift, double eps, bool silu) {
+  std::vector<int64_t> per_channel(x.dim(), 1);
+  per_channel[0] = x.size(0);
+  per_channel[1] = x.size(1);
+  at::Tensor h =
+      at::group_norm(x.to(at::kFloat), groups, gn::as_float(weight), gn::as_float(bias), eps);
+  if (scale.has_value()) h = h * (gn::as_float(scale)->reshape(per_channel) + 1.0);
+  if (shift.has_value()) h = h + gn::as_float(shift)->reshape(per_channel);
+  if (silu) h = at::silu(h);
+  at::Tensor out = at::empty_like(x);
+  out.copy_(h);
+  return out;
+}
+
+at::Tensor group_norm_scale_shift_cpu(const at::Tensor& x, int64_t num_groups,
+                                      const std::optional<at::Tensor>& weight,
+                                      const std::optional<at::Tensor>& bias,
+                                      const std::optional<at::Tensor>& scale,
+                                      const std::optional<at::Tensor>& shift, double eps,
+                                      bool silu) {
+  gn::check_args(x, num_groups, weight, bias, scale, shift, eps);
+  if (!simd_supported()) return composite(x, num_groups, weight, bias, scale, shift, eps, silu);
+
+  gn::Layout layout = gn::plan_layout(x);
+  if (x.numel() == 0) return layout.out;
+  const auto w = gn::as_float(weight), b = gn::as_float(bias), s = gn::as_float(scale),
+             t = gn::as_float(shift);
+  Params p{};
+  p.n = x.size(0);
+  p.c = x.size(1);
+  p.pixels = x.numel() / (p.n * p.c);
+  p.groups = num_groups;
+  p.eps = eps;
+  p.silu = silu;
+  p.channels_last = layout.channels_last;
+  p.weight = w ? w->const_data_ptr<float>() : nullptr;
+  p.bias = b ? b->const_data_ptr<float>() : nullptr;
+  p.scale = s ? s->const_data_ptr<float>() : nullptr;
+  p.shift = t ? t->const_data_ptr<float>() : nullptr;
+  run_dense_dispatch(p, layout.input, layout.result);
+  return gn::finish_layout(layout);
+}
+
+}  // namespace
+}  // namespace ddpm_fast
+
+TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
+  m.impl("group_norm_scale_shift", &ddpm_fast::group_norm_scale_shift_cpu);
+}
