@@ -2,6 +2,8 @@
 from . import ops, reference
 from ._registry import BackendStatus, backends
 from .diffusion import Diffusion
+from .flags import from_flags
+from .unet import UNet
 
 __version__ = "0.1.0"
 
