@@ -11,8 +11,8 @@ import torch
 
 import ddpm_fast
 
-FLAGS = ("--image_size 8 --num_channels 16 --num_res_blocks 1 --attention_resolutions 4 "
-         "--channel_mult 1,2 --num_head_channels 8 --class_cond True --learn_sigma True "
+FLAGS = ("--image_size 8 --num_channels 32 --num_res_blocks 1 --attention_resolutions 4 "
+         "--channel_mult 1,2 --num_head_channels 16 --class_cond True --learn_sigma True "
          "--diffusion_steps 20 --noise_schedule cosine --resblock_updown True "
          "--use_scale_shift_norm True")
 

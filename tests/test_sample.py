@@ -111,7 +111,7 @@ def test_same_image_whatever_the_batch():
 def test_model_called_once_per_step_and_x0():
     d = Diffusion("linear", 100)
     model = FakeEps()
-    x, x0 = ddpm_fast.sample(model, skip=3, diffusion=Diffusion("linear", 10), num_samples=2,
+    x, x0 = ddpm_fast.sample(model, skip=3, diffusion=Diffusion("cosine", 10), num_samples=2,
                              batch_size=2, seed=0, progress=False, return_x0=True)
     assert model.calls == 6  # K = 3 on N = 10 visits 9, 8, 5, 2, 1, 0
     assert torch.allclose(x, x0, atol=1e-6)  # the last DDPM step returns its clipped x0
