@@ -2,8 +2,9 @@
 // in-kernel Philox noise, projections, clip (definition: ddpm_fast/reference.py diffusion_step).
 //
 // Layout of the work:
-//   * the arithmetic runs on 16-wide SIMD values (Vec below) through the shared per-element math
-//     (csrc/include/diffusion_step_math.h) and the shared generator (csrc/include/philox.h);
+//   * the arithmetic runs on SIMD values of the register width (Vec below: GCC vector extensions)
+//     through the shared per-element math (csrc/include/diffusion_step_math.h); the noise comes
+//     from the shared generator (csrc/include/philox.h) in loops the compiler vectorises;
 //     the hot functions are compiled for AVX-512, AVX2+FMA and the baseline and chosen at run time
 //     (DDPM_FAST_CPU_ISA=avx2|baseline caps the choice);
 //   * no projection: at::parallel_for over (sample, chunk of kChunk elements);
@@ -13,8 +14,6 @@
 //     |x_new - x0|^2, pass 2 rescales x_new in place (the image is still in cache).
 // fp16 / bf16 tensors are converted to float32 around the float32 kernel (this backend's fast
 // path is float32; the arithmetic is fp32 in every case).
-#pragma GCC optimize("no-math-errno")  // lets sqrt and friends vectorise (arguments are >= 0)
-
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
