@@ -334,6 +334,11 @@ def test_call_conventions(backend):
     # a C-channel model output with a fixed variance, a 2C one is accepted too (extra channels unused)
     e = ops.diffusion_step(x, case["model_output"], coef, case["noise"], backend=backend)
     assert_step_equal(e, reference.diffusion_step(x, mo, coef, case["noise"]), (x, mo, coef))
+    # strided inputs: channels_last tensors, a coefficient row expanded over the batch (stride 0)
+    row = coef[1:2].expand(2, -1)
+    f = ops.diffusion_step(x.to(memory_format=torch.channels_last), mo.to(memory_format=torch.channels_last),
+                           row, case["noise"].to(memory_format=torch.channels_last), backend=backend)
+    assert_step_equal(f, reference.diffusion_step(x, mo, row.contiguous(), case["noise"]), (x, mo, row))
 
 
 @pytest.mark.parametrize("backend", ["torch", *kernel_backends()])

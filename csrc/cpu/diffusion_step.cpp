@@ -2,8 +2,9 @@
 // in-kernel Philox noise, projections, clip (definition: ddpm_fast/reference.py diffusion_step).
 //
 // Layout of the work:
-//   * the arithmetic runs on 16-wide SIMD values (Vec below) through the shared per-element math
-//     (csrc/include/diffusion_step_math.h) and the shared generator (csrc/include/philox.h);
+//   * the arithmetic runs on SIMD values of the register width (Vec below: GCC vector extensions)
+//     through the shared per-element math (csrc/include/diffusion_step_math.h); the noise comes
+//     from the shared generator (csrc/include/philox.h) in loops the compiler vectorises;
 //     the hot functions are compiled for AVX-512, AVX2+FMA and the baseline and chosen at run time
 //     (DDPM_FAST_CPU_ISA=avx2|baseline caps the choice);
 //   * no projection: at::parallel_for over (sample, chunk of kChunk elements);
@@ -13,7 +14,9 @@
 //     |x_new - x0|^2, pass 2 rescales x_new in place (the image is still in cache).
 // fp16 / bf16 tensors are converted to float32 around the float32 kernel (this backend's fast
 // path is float32; the arithmetic is fp32 in every case).
-#pragma GCC optimize("no-math-errno")  // lets sqrt and friends vectorise (arguments are >= 0)
+// Vector-extension values are passed between always-inlined functions only, never across an ABI
+// boundary: GCC's notes on how their calling convention depends on -mavx* do not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -162,20 +165,36 @@ struct Call {
 
 constexpr int64_t kChunk = 4096;  // elements per work item (a multiple of every lane count)
 constexpr int64_t kPixels = 256;  // pixels per work item of the pixel projection
-constexpr int kBlockLanes = 16;   // Philox blocks drawn per loop iteration
+
+// A __builtin_shuffle mask over two vectors a, b of L lanes: the `half` (0 low, 1 high) of their
+// interleaving in runs of `run` lanes: a[0..run), b[0..run), a[run..2 run), b[run..2 run), ...
+template <int B>
+constexpr typename VecTypes<B>::I zip_mask(int half, int run) {
+  constexpr int L = B / 4;
+  typename VecTypes<B>::I mask{};
+  for (int j = 0; j < L; ++j) {
+    const int group = j / (2 * run), within = j % (2 * run);
+    mask[j] = (within < run ? 0 : L) + half * (L / 2) + group * run + within % run;
+  }
+  return mask;
+}
 
 // Standard normals of elements first .. first + count - 1 of a sample (any alignment) into z;
-// tmp holds count + 4 * kBlockLanes + 8 floats. W: the Philox word type (philox.h).
-template <class W>
+// tmp holds count + 72 floats. B: the SIMD width in bytes (L = B / 4 Philox blocks per
+// iteration: their 4 outputs are computed lane-wise, then interleaved into element order with
+// 8 shuffles); W: the Philox word type (philox.h).
+template <int B, class W>
 DDPM_CPU_INLINE void fill_normals(philox::Key key, philox::StepWords st, int64_t first, int64_t count, float* z,
                                   float* tmp) {
+  constexpr int L = B / 4;
+  using F = typename VecTypes<B>::F;
   const int64_t block0 = first >> 2;
   const int64_t offset = first & 3;
   const int64_t blocks = (offset + count + 3) >> 2;
-  float* dst = (offset == 0 && (count & 3) == 0) ? z : tmp;
-  for (int64_t j0 = 0; j0 < blocks; j0 += kBlockLanes) {
-    uint32_t r0[kBlockLanes], r1[kBlockLanes], r2[kBlockLanes], r3[kBlockLanes];
-    for (int l = 0; l < kBlockLanes; ++l) {
+  float* dst = (offset == 0 && count % (4 * L) == 0) ? z : tmp;
+  for (int64_t j0 = 0; j0 < blocks; j0 += L) {
+    uint32_t r0[L], r1[L], r2[L], r3[L];
+    for (int l = 0; l < L; ++l) {
       W c[4] = {static_cast<W>(static_cast<uint32_t>(block0 + j0 + l)), static_cast<W>(st.lo),
                 static_cast<W>(st.hi), static_cast<W>(philox::kNoiseStream)};
       philox::philox4x32_10(c, key);
@@ -184,19 +203,21 @@ DDPM_CPU_INLINE void fill_normals(philox::Key key, philox::StepWords st, int64_t
       r2[l] = static_cast<uint32_t>(c[2]);
       r3[l] = static_cast<uint32_t>(c[3]);
     }
-    float z0[kBlockLanes], z1[kBlockLanes], z2[kBlockLanes], z3[kBlockLanes];
-    for (int l = 0; l < kBlockLanes; ++l) {
+    float z0[L], z1[L], z2[L], z3[L];  // lane k of the blocks j0 .. j0 + L - 1
+    for (int l = 0; l < L; ++l) {
       philox::box_muller(r0[l], r1[l], z0[l], z1[l]);
       philox::box_muller(r2[l], r3[l], z2[l], z3[l]);
     }
-    const int64_t m = std::min<int64_t>(kBlockLanes, blocks - j0);
-    float* d = dst + 4 * j0;
-    for (int64_t l = 0; l < m; ++l) {
-      d[4 * l + 0] = z0[l];
-      d[4 * l + 1] = z1[l];
-      d[4 * l + 2] = z2[l];
-      d[4 * l + 3] = z3[l];
-    }
+    F a, b, c, d;
+    std::memcpy(&a, z0, B);
+    std::memcpy(&b, z1, B);
+    std::memcpy(&c, z2, B);
+    std::memcpy(&d, z3, B);
+    const F ab_lo = __builtin_shuffle(a, b, zip_mask<B>(0, 1)), ab_hi = __builtin_shuffle(a, b, zip_mask<B>(1, 1));
+    const F cd_lo = __builtin_shuffle(c, d, zip_mask<B>(0, 1)), cd_hi = __builtin_shuffle(c, d, zip_mask<B>(1, 1));
+    const F out[4] = {__builtin_shuffle(ab_lo, cd_lo, zip_mask<B>(0, 2)), __builtin_shuffle(ab_lo, cd_lo, zip_mask<B>(1, 2)),
+                      __builtin_shuffle(ab_hi, cd_hi, zip_mask<B>(0, 2)), __builtin_shuffle(ab_hi, cd_hi, zip_mask<B>(1, 2))};
+    std::memcpy(dst + 4 * j0, out, 4 * B);
   }
   if (dst != z) std::memcpy(z, tmp + offset, count * sizeof(float));
 }
@@ -204,7 +225,7 @@ DDPM_CPU_INLINE void fill_normals(philox::Key key, philox::StepWords st, int64_t
 // Scratch of one thread: the noise of a run, its Philox staging, and per-mode buffers.
 struct Scratch {
   std::vector<float> z, tmp, buf;
-  explicit Scratch(int64_t run, int64_t extra = 0) : z(run), tmp(run + 4 * kBlockLanes + 8), buf(extra) {}
+  explicit Scratch(int64_t run, int64_t extra = 0) : z(run), tmp(run + 72), buf(extra) {}
 };
 
 // One instruction set's kernels: B is the SIMD width in bytes, W the Philox word type.
@@ -229,7 +250,7 @@ struct Kernels {
     const float* grad = a.grad ? a.grad + b * a.g.numel + first : nullptr;
     const float* z = a.noise ? a.noise + b * a.g.numel + first : nullptr;
     if (a.seed) {
-      fill_normals<W>(philox::key_of_seed(a.seed[b]), a.step, first, count, s.z.data(), s.tmp.data());
+      fill_normals<B, W>(philox::key_of_seed(a.seed[b]), a.step, first, count, s.z.data(), s.tmp.data());
       z = s.z.data();
     }
     V radius2(0.0f), length2(0.0f);
