@@ -112,6 +112,7 @@ def restore(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor | No
         raise ValueError("give a mask (inpainting) or a strength (restoration of the whole image)")
     if skip is not None and steps not in (None, 250):
         raise ValueError("give either steps or skip, not both")
+    repaint_schedule(1, jump_length, jump_n_sample)  # validates the RePaint options early
 
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")

@@ -1,0 +1,116 @@
+"""ddpm_fast.restore: inpainting (RePaint resampling) and strength-based restoration."""
+import pytest
+import torch
+
+import ddpm_fast
+from ddpm_fast.diffusion import Diffusion
+from ddpm_fast.restore import repaint_schedule
+
+
+class Recorder(torch.nn.Module):
+    """Records the timesteps it is called with; predicts a smooth eps."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_channels, self.image_size, self.num_classes = 1, 8, None
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.seen = []
+
+    def forward(self, x, t, y=None):
+        self.seen.append(int(t[0]))
+        return 0.3 * torch.tanh(x) * self.w
+
+
+def test_repaint_schedule_and_model_calls():
+    assert repaint_schedule(5, 10, 1) == [4, 3, 2, 1, 0, -1]
+    sched = repaint_schedule(10, 3, 2)
+    assert sched == [9, 8, 7, 6, 7, 8, 9, 8, 7, 6, 5, 4, 3, 4, 5, 6, 5, 4, 3, 2, 1, 0, 1, 2, 3, 2, 1, 0, -1]
+    d = Diffusion("cosine", 10)
+    model = Recorder()
+    image = torch.zeros(2, 1, 8, 8)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[..., :4, :] = 1
+    ddpm_fast.restore(model, image, mask, diffusion=d, steps=None, jump_length=3, jump_n_sample=2,
+                      progress=False)
+    # one model call per downward move of the schedule, at that step's (original) timestep
+    expected = [a for a, b in zip(sched, sched[1:]) if b < a]
+    assert model.seen == expected
+
+
+def test_known_pixels_preserved_exactly_and_unknown_generated():
+    d = Diffusion("cosine", 20)
+    torch.manual_seed(0)
+    image = torch.rand(3, 1, 8, 8) * 2 - 1
+    mask = (torch.rand(3, 1, 8, 8) > 0.5).float()
+    out = ddpm_fast.restore(Recorder(), image, mask, diffusion=d, steps=None, progress=False)
+    assert torch.equal(out[mask.bool()], image[mask.bool()])
+    assert (out[~mask.bool()] - image[~mask.bool()]).abs().max() > 0.05
+
+
+def test_strength_starts_part_way():
+    d = Diffusion("cosine", 20)
+    model = Recorder()
+    ddpm_fast.restore(model, torch.zeros(1, 1, 8, 8), diffusion=d, steps=None, strength=0.3,
+                      progress=False)
+    assert model.seen == [5, 4, 3, 2, 1, 0]  # round(0.3 * 20) - 1 = 5 down to 0
+
+
+def test_bad_inputs():
+    d = Diffusion("cosine", 20)
+    m = Recorder()
+    img = torch.zeros(2, 1, 8, 8)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        ddpm_fast.restore(m, img, torch.ones(2, 1, 4, 4), diffusion=d)
+    with pytest.raises(ValueError, match=r"image must lie in \[-1, 1\]"):
+        ddpm_fast.restore(m, img + 2, torch.ones(2, 1, 8, 8), diffusion=d)
+    with pytest.raises(ValueError, match=r"strength must lie in \(0, 1\]"):
+        ddpm_fast.restore(m, img, strength=1.5, diffusion=d)
+    with pytest.raises(ValueError, match=r"strength must lie in \(0, 1\]"):
+        ddpm_fast.restore(m, img, strength=0.0, diffusion=d)
+    with pytest.raises(ValueError, match="image has shape"):
+        ddpm_fast.restore(m, torch.zeros(2, 3, 8, 8), torch.ones(2, 1, 8, 8), diffusion=d)
+    with pytest.raises(ValueError, match="mask .* or a strength"):
+        ddpm_fast.restore(m, img, diffusion=d)
+    with pytest.raises(ValueError, match="jump_length"):
+        ddpm_fast.restore(m, img, torch.ones(2, 1, 8, 8), diffusion=d, jump_length=0)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from ddpm_fast.eval_digits import DigitClassifier
+    from ddpm_fast.pretrained import load_pretrained
+
+    return load_pretrained("digits"), DigitClassifier(16)
+
+
+@pytest.mark.slow
+def test_inpaint_lower_half_recovers_the_digit(digits):
+    from ddpm_fast.eval_digits import to_8x8
+    from ddpm_fast.train import digits_data
+
+    model, clf = digits
+    data = digits_data(16)
+    x, y = data["x_test"][:100], data["y_test"][:100].numpy()
+    mask = torch.ones_like(x)
+    mask[..., 8:, :] = 0  # lower half unknown
+    masked = x * mask + (1 - mask) * -1.0  # blank (black) lower half
+    before = (clf.svc.predict(to_8x8(masked)) == y).mean()
+    out = ddpm_fast.restore(model, x, mask, steps="50", seed=0, progress=False)  # null label
+    assert torch.equal(out[..., :8, :], x[..., :8, :])
+    after = (clf.svc.predict(to_8x8(out)) == y).mean()
+    assert after >= 0.75, (before, after)
+    assert after > before + 0.2
+
+
+@pytest.mark.slow
+def test_strength_restoration_lowers_the_error(digits):
+    from ddpm_fast.train import digits_data
+
+    model, _ = digits
+    clean = digits_data(16)["x_test"][:64]
+    g = torch.Generator().manual_seed(1)
+    noisy = (clean + 0.3 * torch.randn(clean.shape, generator=g)).clamp(-1, 1)
+    out = ddpm_fast.restore(model, noisy, strength=0.3, steps="50", seed=0, progress=False)
+    mse_noisy = ((noisy - clean) ** 2).mean()
+    mse_out = ((out - clean) ** 2).mean()
+    assert mse_out < 0.8 * mse_noisy, (float(mse_noisy), float(mse_out))
