@@ -476,6 +476,11 @@ def train(config: TrainConfig | None = None, out_dir=None, steps: int | None = N
     return trainer
 
 
+def export_checkpoint(path, directory, name: str) -> tuple[Path, Path]:
+    """Export the EMA weights of the checkpoint at `path` as <directory>/<name>.safetensors/.json."""
+    return Trainer.resume(path).export(directory, name)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ddpm_fast.train", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="run directory (checkpoint.pt, log.jsonl); resumed if present")
@@ -484,6 +489,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-resume", action="store_true", help="start afresh even if --out has a checkpoint")
     p.add_argument("--export", default=None, help="directory to write <name>.safetensors and <name>.json into")
     p.add_argument("--name", default="digits", help="bundle name for --export")
+    p.add_argument("--export-only", action="store_true", help="export --out's checkpoint without training")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -496,6 +502,12 @@ def main(argv=None) -> int:
     p.add_argument("--num-res-blocks", type=int, default=DIGITS_UNET["num_res_blocks"])
     p.add_argument("--dropout", type=float, default=DIGITS_UNET["dropout"])
     args = p.parse_args(argv)
+    if args.export_only:
+        if not args.export:
+            p.error("--export-only needs --export DIR")
+        for path in export_checkpoint(Path(args.out) / CHECKPOINT_NAME, args.export, args.name):
+            print(f"wrote {path}")
+        return 0
     if args.steps is None and args.minutes is None:
         p.error("give --minutes and/or --steps")
     if args.threads:

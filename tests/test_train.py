@@ -196,6 +196,11 @@ def test_cli_trains_and_exports(tmp_path):
     assert weights.keys() == state["ema"].keys()
     for k, w in weights.items():
         torch.testing.assert_close(w, state["ema"][k])
+    # --export-only writes the same bundle from the checkpoint without training
+    assert T.main(["--out", str(out), "--export-only", "--export", str(tmp_path / "again"), "--name", "toy"]) == 0
+    again = load_file(str(tmp_path / "again" / "toy.safetensors"))
+    assert all(torch.equal(again[k], weights[k]) for k in weights)
+    assert torch.load(out / T.CHECKPOINT_NAME, weights_only=False)["step"] == 2
     # resuming with the same --out continues from step 2
     assert T.main(["--out", str(out), "--steps", "3", "--batch-size", "2", "--num-res-blocks", "1", "--quiet"]) == 0
     assert torch.load(out / T.CHECKPOINT_NAME, weights_only=False)["step"] == 3
