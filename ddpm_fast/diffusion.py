@@ -533,6 +533,12 @@ class Diffusion:
             coef = self.gather_coefficients(idx, opts["eta"])
         elif coef.shape != (x.shape[0], NUM_COEFS):
             raise ValueError(f"coef must have shape ({x.shape[0]}, {NUM_COEFS}); got {tuple(coef.shape)}")
+        return self._reference_step(x, model_output, coef, noise, opts, clip_denoised, guidance_grad, eps_from_x0)
+
+    def _reference_step(self, x, model_output, coef, noise, opts: dict, clip_denoised: bool,
+                        guidance_grad, eps_from_x0: bool):
+        """reference.diffusion_step with this process's prediction/variance and checked `opts`
+        (validate_step_options); no checks, no host synchronisation."""
         return reference.diffusion_step(
             x, model_output, coef, noise, method=opts["method"], prediction=self.prediction,
             variance=self.variance, clip_denoised=clip_denoised, noise_mode=opts["noise_mode"],
@@ -675,15 +681,18 @@ def reference_sample_loop(model: Callable, diffusion: Diffusion, shape_or_x_T, *
     if opts["clip"] is not None:
         x = x.clamp(*opts["clip"])
 
+    # per-run tables on the device, indexed per step (no per-step host copies or synchronisation)
     table = diffusion.coefficient_table(opts["eta"], device=x.device)
+    t_table = diffusion.model_timestep_table(device=x.device)
     steps = range(diffusion.num_timesteps - 1, -1, -1)
     if progress:
         from tqdm.auto import tqdm
         steps = tqdm(steps)
     for i in steps:
         idx = torch.full((batch,), i, dtype=torch.long, device=x.device)
-        t_model = diffusion.model_timesteps(idx)
+        t_model = t_table[idx]
         out = guided_model_output(model, x, t_model, kwargs, guidance_scale, null_label)
+        diffusion.check_model_output(x, out)
         grad = classifier_gradient(cond_fn, x, t_model, kwargs) if cond_fn is not None else None
         if noise is None:
             z = torch.randn_like(x)
@@ -693,8 +702,8 @@ def reference_sample_loop(model: Callable, diffusion: Diffusion, shape_or_x_T, *
             z = noise[i]
         else:
             z = noise(i, x)
-        x, _ = diffusion.p_sample_step(x, out, idx, z, method=opts["method"], clip_denoised=clip_denoised,
-                                       noise_mode=opts["noise_mode"], project_noise=opts["project_noise"],
-                                       clip=opts["clip"], guidance_grad=grad, eps_from_x0=eps_from_x0,
-                                       dynamic_threshold=opts["dynamic_threshold"], coef=table[idx])
+        if z.shape != x.shape:
+            raise ValueError(f"noise must give tensors of x's shape {tuple(x.shape)}; got {tuple(z.shape)} "
+                             f"at step {i}")
+        x, _ = diffusion._reference_step(x, out, table[idx], z, opts, clip_denoised, grad, eps_from_x0)
     return x

@@ -567,3 +567,27 @@ def test_bad_loop_inputs():
         reference_sample_loop(lambda x, t: torch.cat([x, x], 1), d, x)
     ok = reference_sample_loop(Model(), d, x, class_labels=torch.tensor([0, 9]), noise=torch.Generator())
     assert ok.shape == x.shape
+
+
+# ---- device --------------------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_loop_on_cuda_matches_cpu(method):
+    d = Diffusion("cosine", 100, variance="learned_range", rescale_timesteps=True).skip(4)
+
+    def model(x, t, y=None):
+        out = fake_model(x, t)
+        return torch.cat([out, torch.tanh(out)], dim=1)
+
+    x_T = randn(2, 3, 8, 8, seed=40)
+    noises = randn(d.num_timesteps, 2, 3, 8, 8, seed=41)
+    kw = dict(method=method, eta=0.5, class_labels=torch.tensor([1, 2]), cond_fn=_cond_fn,
+              guidance_scale=2.0, null_label=0)
+    cpu = reference_sample_loop(model, d, x_T, noise=noises, **kw)
+    gpu = reference_sample_loop(model, d, x_T.cuda(), noise=noises.cuda(), **kw)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
+    idx = torch.tensor([0, 5], device="cuda")
+    assert d.model_timesteps(idx).device.type == "cuda"
+    assert torch.equal(d.gather_coefficients(idx, 0.5).cpu(), d.coefficients(0.5).float()[[0, 5]])
