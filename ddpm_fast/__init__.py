@@ -3,6 +3,8 @@ from . import ops, reference
 from ._registry import BackendStatus, backends
 from .pretrained import load_pretrained
 from .diffusion import Diffusion
+from .flags import from_flags
+from .unet import UNet
 
 __version__ = "0.1.0"
 
