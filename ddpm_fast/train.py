@@ -407,9 +407,18 @@ class Trainer:
                 self.save()
             if log is not None:
                 log.close()
-        if count:
-            last = {k: v / count for k, v in sums.items()} if not last else last
+        if count and not last:
+            last = {k: v / count for k, v in sums.items()}
+        self.last_losses = last
         return dict(step=self.step, elapsed=self.elapsed, **last)
+
+    def _final_losses(self) -> dict:
+        """The losses of the last logged interval (this session's, else the run log's last line)."""
+        last = getattr(self, "last_losses", None)
+        if not last and self.out_dir is not None and (self.out_dir / "log.jsonl").exists():
+            lines = (self.out_dir / "log.jsonl").read_text().splitlines()
+            last = json.loads(lines[-1]) if lines else {}
+        return {k: round(float(last[k]), 5) for k in ("loss", "mse", "vb") if k in (last or {})}
 
     # -- the bundle --
     def export(self, directory, name: str, extra: dict | None = None) -> tuple[Path, Path]:
@@ -434,7 +443,7 @@ class Trainer:
                       holdout=cfg.holdout, range=[-1, 1]),
             training=dict(steps=self.step, seconds=round(self.elapsed, 1), loss=cfg.loss, lr=cfg.lr,
                           batch_size=cfg.batch_size, ema_decay=cfg.ema_decay, label_dropout=cfg.label_dropout,
-                          seed=cfg.seed, **(extra or {})),
+                          seed=cfg.seed, final_losses=self._final_losses(), **(extra or {})),
         )
         json_path.write_text(json.dumps(meta, indent=2) + "\n")
         return st_path, json_path
@@ -478,7 +487,7 @@ def train(config: TrainConfig | None = None, out_dir=None, steps: int | None = N
 
 def export_checkpoint(path, directory, name: str) -> tuple[Path, Path]:
     """Export the EMA weights of the checkpoint at `path` as <directory>/<name>.safetensors/.json."""
-    return Trainer.resume(path).export(directory, name)
+    return Trainer.resume(path, out_dir=Path(path).parent).export(directory, name)
 
 
 def main(argv=None) -> int:
