@@ -48,3 +48,9 @@ bench-compare: install
 
 clean:
 	rm -rf build dist *.egg-info ddpm_fast/_C*.so
+
+# Reproduce the bundled digits model (ddpm_fast/assets/digits.*): a time-boxed CPU run (resumes
+# from runs/digits/checkpoint.pt when interrupted), then its EMA weights are exported.
+.PHONY: train-demo
+train-demo: install
+	$(PY) -m ddpm_fast.train --out runs/digits --minutes 50 --threads 1 --export ddpm_fast/assets --name digits

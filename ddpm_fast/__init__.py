@@ -5,11 +5,13 @@ from .diffusion import Diffusion
 from .flags import from_flags
 from .graphs import clear_cache as clear_graph_cache
 from .images import save_grid, to_images
+from .pretrained import load_pretrained
 from .restore import restore
 from .sample import sample
 from .unet import UNet
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendStatus", "Diffusion", "UNet", "backends", "clear_graph_cache", "from_flags", "ops",
-           "reference", "restore", "sample", "save_grid", "to_images", "__version__"]
+__all__ = ["BackendStatus", "Diffusion", "UNet", "backends", "clear_graph_cache", "from_flags",
+           "load_pretrained", "ops", "reference", "restore", "sample", "save_grid", "to_images",
+           "__version__"]

@@ -1,0 +1,85 @@
+"""The bundled digits model: it loads through load_pretrained and its class-conditional samples
+are recognised by a classifier trained on the real digits, with a data-like diversity."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import ddpm_fast
+from ddpm_fast import eval_digits as E
+from ddpm_fast.diffusion import Diffusion
+from ddpm_fast.pretrained import ASSETS, pretrained_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ddpm_fast.load_pretrained("digits")
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return E.DigitClassifier(16, pretrained_config("digits")["data"]["upsample"])
+
+
+def test_bundle_files_and_metadata():
+    weights = ASSETS / "digits.safetensors"
+    assert weights.stat().st_size <= 10 * 1024 * 1024
+    meta = json.loads((ASSETS / "digits.json").read_text())
+    assert meta["unet"]["image_size"] == 16 and meta["unet"]["in_channels"] == 1
+    assert meta["unet"]["out_channels"] == 2 and meta["unet"]["num_classes"] == 11
+    assert meta["null_label"] == 10
+    assert meta["diffusion"]["schedule"] == "cosine" and meta["diffusion"]["variance"] == "learned_range"
+    assert meta["diffusion"]["timesteps"] == 1000
+
+
+def test_load_pretrained(model):
+    assert not model.training
+    assert isinstance(model.diffusion, Diffusion)
+    assert model.diffusion.num_timesteps == 1000 and model.diffusion.variance == "learned_range"
+    assert model.num_classes == 11 and model.null_label == 10
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        out = model(x, torch.tensor([10, 900]), torch.tensor([3, 10]))
+    assert out.shape == (2, 2, 16, 16) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="name"):
+        ddpm_fast.load_pretrained("no-such-model")
+
+
+def test_classifier_is_accurate_on_held_out_digits(classifier):
+    assert classifier.classifier_accuracy > 0.97
+
+
+def test_metric_helpers():
+    x = np.array([[0.0, 0.0], [3.0, 4.0], [0.0, 4.0]])
+    assert E.mean_pairwise_distance(x) == pytest.approx((5 + 4 + 3) / 3)
+    assert E.parse_setting("ddim:50") == ("ddim", "ddim50")
+    assert E.parse_setting("ddpm:250") == ("ddpm", "250")
+    with pytest.raises(ValueError, match="setting"):
+        E.parse_setting("euler:10")
+    with pytest.raises(ValueError, match="images"):
+        E.to_8x8(torch.zeros(2, 3, 16, 16))
+    # the round trip 8x8 -> 16x16 (nearest) -> 8x8 is exact
+    x8 = torch.rand(3, 1, 8, 8) * 2 - 1
+    x16 = torch.nn.functional.interpolate(x8, scale_factor=2, mode="nearest")
+    np.testing.assert_allclose(E.to_8x8(x16), x8.reshape(3, 64).double().numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("setting", ["ddpm:50", "ddim:25"])
+def test_samples_are_recognised_and_diverse(model, classifier, setting):
+    r = E.evaluate(model, setting, num_samples=100, seed=1, classifier=classifier)
+    assert r["images"].shape == (100, 1, 16, 16)
+    assert r["images"].min() >= -1 and r["images"].max() <= 1
+    assert r["accuracy"] >= 0.8, r
+    assert r["diversity"] >= 0.4, r
+
+
+def test_guided_and_unconditional_samples(model, classifier):
+    """Classifier-free guidance (scale 3) keeps the labels; the null label samples digits of
+    several classes."""
+    r = E.evaluate(model, "ddim:25", num_samples=50, guidance_scale=3.0, seed=2, classifier=classifier)
+    assert r["accuracy"] >= 0.8, r
+    labels = torch.full((50,), model.null_label)
+    images = E.sample_digits(model, labels, "ddim25", "ddim", seed=3)
+    proba = classifier.predict_proba(E.to_8x8(images))
+    assert len(set(proba.argmax(1).tolist())) >= 6

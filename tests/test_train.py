@@ -1,0 +1,206 @@
+"""The trainer: exact resume after an interruption, the hybrid loss's L_vlb against a direct
+computation with torch.distributions, atomic checkpoints, the CLI and the export bundle."""
+import json
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from ddpm_fast import train as T
+from ddpm_fast.diffusion import Diffusion
+
+TINY_UNET = dict(image_size=8, in_channels=1, model_channels=32, out_channels=2, num_res_blocks=1,
+                 attention_resolutions=(2,), dropout=0.1, channel_mult=(1, 2), num_classes=11, num_heads=1,
+                 use_scale_shift_norm=True, resblock_updown=True)
+
+
+def tiny_config(**kw):
+    cfg = T.TrainConfig(unet=dict(TINY_UNET), batch_size=4, lr=1e-3, lr_warmup=2, ema_decay=0.9, ema_warmup=2,
+                        grad_clip=0.5, label_dropout=0.5, image_size=8, checkpoint_every=1000, log_every=1)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    d = T.digits_data(image_size=8)
+    return d["x_train"][:64], d["y_train"][:64]
+
+
+def _assert_same_state(a: T.Trainer, b: T.Trainer):
+    assert a.step == b.step
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb
+        torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=f"model {ka}")
+    for (ka, va), (kb, vb) in zip(a.ema.state_dict().items(), b.ema.state_dict().items()):
+        torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=f"ema {ka}")
+    sa, sb = a.opt.state_dict(), b.opt.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys()
+    for i in sa["state"]:
+        for name in sa["state"][i]:
+            torch.testing.assert_close(sa["state"][i][name], sb["state"][i][name], rtol=0, atol=0)
+
+
+def test_interrupted_run_resumes_exactly(tmp_path, tiny_data):
+    """Run A: 5 uninterrupted steps. Run B: interrupted (KeyboardInterrupt) during step 4, resumed
+    from its checkpoint (written at the interruption, step 3) and finished: identical weights,
+    EMA and optimizer state; the checkpoint holds the step and optimizer state of step 3."""
+    a = T.Trainer(tiny_config(), out_dir=tmp_path / "a", data=tiny_data)
+    a.fit(steps=5, progress=False)
+
+    b = T.Trainer(tiny_config(), out_dir=tmp_path / "b", data=tiny_data)
+    real_step = b.train_step
+
+    def interrupted_step():
+        if b.step == 3:
+            raise KeyboardInterrupt
+        return real_step()
+
+    b.train_step = interrupted_step
+    with pytest.raises(KeyboardInterrupt):
+        b.fit(steps=5, progress=False)
+    saved = torch.load(tmp_path / "b" / T.CHECKPOINT_NAME, weights_only=False)
+    assert saved["step"] == 3
+    assert all(s["step"] == 3 for s in saved["opt"]["state"].values())
+
+    c = T.Trainer.resume(tmp_path / "b" / T.CHECKPOINT_NAME, out_dir=tmp_path / "b", data=tiny_data)
+    assert c.step == 3
+    ref3 = T.Trainer(tiny_config(), data=tiny_data)
+    ref3.fit(steps=3, progress=False)
+    _assert_same_state(ref3, c)          # resumed state == the state after 3 uninterrupted steps
+    c.fit(steps=5, progress=False)
+    _assert_same_state(a, c)             # and the next steps give the same parameters
+    # the parameters did move, so the equality above says something
+    fresh = T.Trainer(tiny_config(), data=tiny_data)
+    assert any(not torch.equal(p, q) for p, q in zip(fresh.model.parameters(), a.model.parameters()))
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    T.atomic_save({"v": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"partial checkpoint bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(T.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        T.atomic_save({"v": 2}, path)
+    with pytest.raises(OSError):
+        T.atomic_save({"v": 3}, tmp_path / "new.pt")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]    # no temp file, no new.pt
+    assert torch.load(path, weights_only=False) == {"v": 1}           # the old checkpoint is intact
+
+
+def _direct_vb_bits(diffusion, x0, x_t, idx, eps, v):
+    """L_t in bits/dim computed independently: float64 tables from the betas, torch.distributions."""
+    betas = diffusion.betas.double()
+    ab = torch.cumprod(1 - betas, 0)
+    ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+    post_var = betas * (1 - ab_prev) / (1 - ab)
+    post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+    x0, x_t, eps, v = (t.double() for t in (x0, x_t, eps, v))
+    out = []
+    for i in range(x0.shape[0]):
+        s = int(idx[i])
+        c1 = betas[s] * ab_prev[s].sqrt() / (1 - ab[s])
+        c2 = (1 - ab_prev[s]) * (1 - betas[s]).sqrt() / (1 - ab[s])
+        true_mean = c1 * x0[i] + c2 * x_t[i]
+        x0_hat = (x_t[i] - (1 - ab[s]).sqrt() * eps[i]) / ab[s].sqrt()
+        model_mean = c1 * x0_hat + c2 * x_t[i]
+        frac = (v[i] + 1) / 2
+        logvar = frac * torch.log(betas[s]) + (1 - frac) * post_logvar[s]
+        p = Normal(model_mean, torch.exp(0.5 * logvar))
+        if s == 0:
+            upper = torch.where(x0[i] > 0.999, torch.full_like(x0[i], math.inf), x0[i] + 1 / 255)
+            lower = torch.where(x0[i] < -0.999, torch.full_like(x0[i], -math.inf), x0[i] - 1 / 255)
+            nats = -torch.log(p.cdf(upper) - p.cdf(lower))
+        else:
+            q = Normal(true_mean, torch.exp(0.5 * post_logvar[s]))
+            nats = kl_divergence(q, p)
+        out.append(nats.mean() / math.log(2))
+    return torch.stack(out)
+
+
+def test_hybrid_vb_term_matches_direct_lvlb():
+    diffusion = Diffusion("cosine", 1000, "learned_range")
+    g = torch.Generator().manual_seed(0)
+    b = 6
+    x0 = torch.rand(b, 1, 4, 4, generator=g) * 2 - 1
+    x0[:, :, 0, 0], x0[:, :, 0, 1] = -1.0, 1.0                  # the decoder's edge bins
+    idx = torch.tensor([0, 0, 1, 10, 500, 999])
+    noise = torch.randn(x0.shape, generator=g)
+    x_t = diffusion.q_sample(x0, idx, noise)
+    eps = noise + 0.1 * torch.randn(x0.shape, generator=g)
+    v = torch.rand(x0.shape, generator=g) * 2 - 1
+    got = T.vb_terms_bpd(diffusion, torch.cat([eps, v], 1), x0, x_t, idx)
+    want = _direct_vb_bits(diffusion, x0, x_t, idx, eps, v)
+    torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=1e-5)
+
+    # in the hybrid loss: scaled by T / 1000, the prediction channels frozen, the variance live
+    out = torch.cat([eps, v], 1).requires_grad_(True)
+    terms = T.training_losses(lambda x, t, y: out, diffusion, x0, idx, noise, None, "hybrid")
+    torch.testing.assert_close(terms["vb"], got * (diffusion.num_timesteps / 1000.0))
+    torch.testing.assert_close(terms["mse"], (eps - noise).pow(2).mean(dim=(1, 2, 3)))
+    (grad_vb,) = torch.autograd.grad(terms["vb"].sum(), out, retain_graph=True)
+    assert grad_vb[:, :1].abs().max() == 0 and grad_vb[:, 1:].abs().max() > 0
+    (grad_mse,) = torch.autograd.grad(terms["mse"].sum(), out)
+    assert grad_mse[:, 1:].abs().max() == 0
+
+    # a respaced process scales the bound by its own step count
+    spaced = diffusion.respace("50")
+    terms50 = T.training_losses(lambda x, t, y: out, spaced, x0, torch.tensor([0, 0, 1, 10, 25, 49]),
+                                noise, None, "hybrid")
+    assert torch.isfinite(terms50["vb"]).all()
+
+
+def test_loss_options_are_checked():
+    fixed = Diffusion("cosine", 100, "fixed_small")
+    x = torch.zeros(2, 1, 4, 4)
+    with pytest.raises(ValueError, match="hybrid"):
+        T.training_losses(lambda *a: x, fixed, x, torch.tensor([1, 2]), x, None, "hybrid")
+    with pytest.raises(ValueError, match="loss"):
+        T.training_losses(lambda *a: x, fixed, x, torch.tensor([1, 2]), x, None, "l1")
+    with pytest.raises(ValueError, match="label_dropout"):
+        T.TrainConfig(label_dropout=1.5).validate()
+
+
+def test_digits_data_split_and_range():
+    d = T.digits_data(16)
+    assert d["x_train"].shape[1:] == (1, 16, 16) and d["x_test"].shape[1:] == (1, 16, 16)
+    assert d["x_train"].shape[0] + d["x_test"].shape[0] == 1797
+    assert d["x_test"].shape[0] == 360                          # 20 % held out, stratified
+    assert d["x_train"].min() >= -1 and d["x_train"].max() <= 1
+    assert set(d["y_test"].tolist()) == set(range(10))
+    again = T.digits_data(16)
+    assert torch.equal(again["y_test"], d["y_test"]) and torch.equal(again["x_test"], d["x_test"])
+
+
+def test_cli_trains_and_exports(tmp_path):
+    out, assets = tmp_path / "run", tmp_path / "assets"
+    rc = T.main(["--out", str(out), "--steps", "2", "--batch-size", "2", "--num-res-blocks", "1", "--quiet",
+                 "--export", str(assets), "--name", "toy"])
+    assert rc == 0
+    state = torch.load(out / T.CHECKPOINT_NAME, weights_only=False)
+    assert state["step"] == 2 and state["config"]["batch_size"] == 2
+    meta = json.loads((assets / "toy.json").read_text())
+    assert meta["unet"]["num_res_blocks"] == 1 and meta["null_label"] == 10
+    assert meta["diffusion"] == T.DIGITS_DIFFUSION
+    assert "--attention_resolutions 8,4" in meta["flags"] and "--learn_sigma True" in meta["flags"]
+    from safetensors.torch import load_file
+    weights = load_file(str(assets / "toy.safetensors"))
+    assert weights.keys() == state["ema"].keys()
+    for k, w in weights.items():
+        torch.testing.assert_close(w, state["ema"][k])
+    # --export-only writes the same bundle from the checkpoint without training
+    assert T.main(["--out", str(out), "--export-only", "--export", str(tmp_path / "again"), "--name", "toy"]) == 0
+    again = load_file(str(tmp_path / "again" / "toy.safetensors"))
+    assert all(torch.equal(again[k], weights[k]) for k in weights)
+    assert torch.load(out / T.CHECKPOINT_NAME, weights_only=False)["step"] == 2
+    # resuming with the same --out continues from step 2
+    assert T.main(["--out", str(out), "--steps", "3", "--batch-size", "2", "--num-res-blocks", "1", "--quiet"]) == 0
+    assert torch.load(out / T.CHECKPOINT_NAME, weights_only=False)["step"] == 3
