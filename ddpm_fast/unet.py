@@ -20,7 +20,8 @@ output. What differs is how it runs:
       taps (16 instead of 36 multiply-adds per pixel and channel pair). With autograd recording,
       the plain differentiable path runs;
 * channels_last is kept end to end (`model.to(memory_format=torch.channels_last)` and channels_last
-  inputs); attention then works on the (B, T, C) view without transposing copies.
+  inputs); attention then works on the (B, T, C) view without transposing copies. On the CPU the
+  fast path runs channels_last internally for NCHW inputs too (the result is returned NCHW).
 
 Precision: `convert_to_fp16()` / `convert_to_bf16()` put the convolutions of the torso
 (input_blocks, middle_block, output_blocks) in half precision as guided-diffusion's
@@ -552,7 +553,10 @@ class UNet(nn.Module):
             emb = emb + self.label_emb(y)
         emb_outs = self._project_embeddings(emb)
 
-        h = x.to(self.dtype)
+        # On the CPU the fast path runs channels_last (prepacked oneDNN convs) whatever x's layout;
+        # the result comes back in x's layout.
+        relayout = self.fast and x.device.type == "cpu" and not is_channels_last(x)
+        h = x.to(dtype=self.dtype, memory_format=torch.channels_last if relayout else torch.preserve_format)
         skips = []
         for block in self.input_blocks:
             h = block(h, emb_outs)
@@ -562,4 +566,5 @@ class UNet(nn.Module):
             h = block(torch.cat([h, skips.pop()], dim=1), emb_outs)
         norm, conv = self.out[0], self.out[2]
         h = self._head._norm(norm, h.to(conv.weight.dtype), silu=True)
-        return self._head._conv("out.2", conv, h).to(x.dtype)
+        out = self._head._conv("out.2", conv, h)
+        return out.to(dtype=x.dtype, memory_format=torch.contiguous_format if relayout else torch.preserve_format)
