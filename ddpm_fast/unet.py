@@ -97,7 +97,7 @@ class _UsesOps:
 
     def _conv(self, name: str, conv: nn.Conv2d, x: torch.Tensor,
               add: torch.Tensor | None = None) -> torch.Tensor:
-        """conv(x) [+ add]: prepacked, with the add fused, on the fast path (see fast_conv)."""
+        """conv(x) [+ add]: prepacked, with the add fused, on the fast path (see fast_layers)."""
         if self.fast:
             return self._fast_conv(name).conv(conv, x, add)
         out = conv(x)
@@ -206,10 +206,6 @@ class ResBlock(_OpsModule):
             self.skip_connection = nn.Conv2d(channels, c_out, 3, padding=1)
         else:
             self.skip_connection = nn.Conv2d(channels, c_out, 1)
-
-    @property
-    def emb_width(self) -> int:
-        return self.emb_layers[1].out_features
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W), emb (N, emb_channels): the block on its own."""
