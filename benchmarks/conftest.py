@@ -65,7 +65,7 @@ def compare(benchmark):
     def run(fused, ref, *, device: str, dtype, shape, nbytes: int | None = None,
             flops: float | None = None, rounds: int = 20) -> float:
         if QUICK:
-            rounds = min(rounds, 5)
+            rounds = min(rounds, 10)
         ref_times = timings(ref, device, reps=rounds)
         t_ref, t_ref_min = statistics.median(ref_times), min(ref_times)
 

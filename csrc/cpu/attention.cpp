@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "attention_math.h"
@@ -30,20 +31,29 @@ at::Tensor qkv_heads_view(const at::Tensor& qkv, int64_t num_heads, int64_t ch, 
                         qkv.storage_offset() + at_ch.q * sc);
 }
 
-// Short sequences: per batch element two batched GEMMs straight on the strided views (BLAS reads
-// the transposed operands in place) around a softmax of the (heads, T, T) logits.
+// Short sequences: two batched GEMMs on the (batch x heads) views (BLAS reads the transposed
+// operands in place) around an in-place softmax of the (T, T) logits.
 // heads: (3, B, heads, ch, T) fp32 view; out: (B, C, T) fp32 contiguous.
 void attention_gemm(const at::Tensor& heads, at::Tensor& out, double scale) {
   const int64_t batch = heads.size(1), num_heads = heads.size(2), ch = heads.size(3),
                 length = heads.size(4);
-  at::Tensor logits = at::empty({num_heads, length, length}, heads.options());
-  at::Tensor probs = at::empty_like(logits);
-  for (int64_t b = 0; b < batch; ++b) {
-    const at::Tensor q = heads[0][b], k = heads[1][b], v = heads[2][b];  // (heads, ch, T)
-    logits.baddbmm_(q.transpose(1, 2), k, /*beta=*/0.0, /*alpha=*/scale);  // [h, t, s] = q_t . k_s
-    at::_softmax_out(probs, logits, -1, /*half_to_float=*/false);
-    at::Tensor out_b = out[b].view({num_heads, ch, length});
-    at::bmm_out(out_b, v, probs.transpose(1, 2));  // [h, c, t] = sum_s v[c, s] p[t, s]
+  // Batched GEMMs over (batch x heads) at once — a loop of small per-sample GEMMs on strided
+  // views is slower than one large call — in chunks of samples bounding the (T x T) buffers.
+  constexpr int64_t kMaxLogitBytes = int64_t(64) << 20;
+  const int64_t per_sample = num_heads * length * length * int64_t(sizeof(float));
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(batch, kMaxLogitBytes / per_sample));
+  for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
+    const int64_t nb = std::min(chunk, batch - b0);
+    const int64_t bh = nb * num_heads;
+    // (nb, heads, ch, T) -> (nb * heads, ch, T): a view for the legacy layout, one copy otherwise
+    const at::Tensor q = heads[0].narrow(0, b0, nb).reshape({bh, ch, length});
+    const at::Tensor k = heads[1].narrow(0, b0, nb).reshape({bh, ch, length});
+    const at::Tensor v = heads[2].narrow(0, b0, nb).reshape({bh, ch, length});
+    at::Tensor logits = at::empty({bh, length, length}, heads.options());
+    logits.baddbmm_(q.transpose(1, 2), k, /*beta=*/0.0, /*alpha=*/scale);  // [t, s] = q_t . k_s
+    at::_softmax_out(logits, logits, -1, /*half_to_float=*/false);          // in place
+    at::Tensor out_b = out.narrow(0, b0, nb).view({bh, ch, length});
+    at::bmm_out(out_b, v, logits.transpose(1, 2));  // [c, t] = sum_s v[c, s] p[t, s]
   }
 }
 
