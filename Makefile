@@ -13,7 +13,7 @@ STAMP := build/.installed-$(subst /,_,$(abspath $(PY)))
 SOURCES := setup.py CMakeLists.txt pyproject.toml $(shell find csrc -type f 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench bench-quick bench-compare clean
+.PHONY: install test demo bench bench-quick bench-compare clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,9 +33,10 @@ demo: install
 	$(PY) -m ddpm_fast.cli demo --out samples.npz --grid samples.png
 
 # The full suite: JSON + markdown table under benchmarks/results/<device>-<date>.*
-# (on a GPU machine build for its arch first, e.g. TORCH_CUDA_ARCH_LIST=9.0 make bench).
+# (on a GPU machine build for its arch first, e.g. TORCH_CUDA_ARCH_LIST=9.0 make bench;
+# COMPILE=1 also benchmarks torch.compile of the reference U-Net).
 bench: install
-	$(PY) -m ddpm_fast.benchreport run
+	$(PY) -m ddpm_fast.benchreport run $(if $(COMPILE),-- --compile)
 
 # CI variant: few rounds, small shapes; fails when a fused path is < 0.8x its reference.
 bench-quick: install

@@ -20,13 +20,24 @@ if not HAS_CUDA:
 torch.set_num_threads(int(os.environ.get("DDPM_FAST_BENCH_THREADS", os.cpu_count() or 1)))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--compile", action="store_true",
+                     help="also benchmark torch.compile of the reference model (tens of seconds)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "compile: runs torch.compile (needs --compile)")
+
+
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible)")
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU (none visible)")
+    skip_compile = pytest.mark.skip(reason="torch.compile benchmarks need --compile")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
+        if "compile" in item.keywords and not config.getoption("--compile"):
+            item.add_marker(skip_compile)
 
 
 def _sync(device: str) -> None:

@@ -62,3 +62,20 @@ def test_unet_forward_cpu_fp32(compare, models, batch):
                           dtype=torch.float32, shape=tuple(x.shape), flops=flops, rounds=15)
     print(f"\nU-Net forward, batch {batch}, fp32 CPU ({torch.get_num_threads()} threads): "
           f"speedup {speedup:.2f}x over the reference model")
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("batch", [1, 4])
+def test_unet_forward_vs_compiled_reference(compare, models, batch):
+    """ddpm_fast's model against torch.compile of the reference model (inductor), fp32 CPU."""
+    reference, fast = models
+    compiled = torch.compile(copy.deepcopy(reference))
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 3, 32, 32, generator=gen)
+    t = torch.randint(0, 1000, (batch,), generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x, t, y), reference(x, t, y), rtol=1e-4, atol=1e-4)
+        compare(lambda: fast(x_cl, t, y), lambda: compiled(x, t, y), device="cpu",
+                dtype=torch.float32, shape=tuple(x.shape), rounds=15)
