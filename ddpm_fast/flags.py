@@ -257,33 +257,36 @@ def _block_count(keys, prefix: str) -> int:
 
 
 def _likely_flags(own: Mapping, state: Mapping, missing, unexpected, mismatched) -> list[str]:
-    """Which flags most likely differ between the checkpoint and the flags, from the offending keys."""
+    """Which flags most likely differ between the checkpoint and the flags, from the offending keys
+    (the root causes first: a different base width or block count shifts every later key)."""
     hints = []
     absent = list(missing) + list(unexpected)
-    if any(k.startswith("label_emb") for k in absent + [k for k, _, _ in mismatched]):
+    shapes = {k: (want, got) for k, want, got in mismatched}
+    if any(k.startswith("label_emb") for k in absent) or (
+            "label_emb.weight" in shapes and shapes["label_emb.weight"][0][1:] == shapes["label_emb.weight"][1][1:]):
         hints.append(f"--class_cond (label_emb: a class-conditional model has a ({NUM_CLASSES}, "
                      "4 * num_channels) class embedding)")
-    channels = False
-    for key, want, got in mismatched:
-        if key.startswith("label_emb"):
-            continue
-        if key.startswith("out.2") and want[1:] == got[1:]:
-            text = (f"--learn_sigma (out.2 has {got[0]} output channels in the checkpoint, {want[0]} in the "
-                    "model; learn_sigma doubles them)")
-        elif ".emb_layers." in key and want[1:] == got[1:] and got[0] in (2 * want[0], want[0] // 2):
-            text = "--use_scale_shift_norm (emb_layers projects to 2 * channels with scale-shift norm)"
-        else:
-            channels = True
-            continue
-        if text not in hints:
-            hints.append(text)
-    if channels:
-        hints.append("--num_channels / --channel_mult (channel counts differ)")
+    if "out.2.weight" in shapes and shapes["out.2.weight"][0][1:] == shapes["out.2.weight"][1][1:]:
+        want, got = shapes["out.2.weight"]
+        hints.append(f"--learn_sigma (out.2 has {got[0]} output channels in the checkpoint, {want[0]} in the "
+                     "model; learn_sigma doubles them)")
+    if "time_embed.0.weight" in shapes:
+        want, got = shapes["time_embed.0.weight"]
+        hints.append(f"--num_channels (the checkpoint's base width is {got[1]}, the model's {want[1]})")
+        return hints
     if any(_block_count(own, p) != _block_count(state, p) for p in ("input_blocks", "output_blocks")):
-        hints.append("--num_res_blocks / --channel_mult (the number of blocks differs)")
+        hints.append("--num_res_blocks / --channel_mult (the number of blocks differs: "
+                     f"{_block_count(state, 'input_blocks')} input blocks in the checkpoint, "
+                     f"{_block_count(own, 'input_blocks')} in the model)")
+        return hints
+    emb = [(want, got) for k, (want, got) in shapes.items() if ".emb_layers.1.weight" in k]
+    if emb and (all(got[0] == 2 * want[0] for want, got in emb) or all(2 * got[0] == want[0] for want, got in emb)):
+        hints.append("--use_scale_shift_norm (emb_layers projects to 2 * channels with scale-shift norm)")
+    elif any(not (k.startswith(("label_emb", "out.2")) or ".emb_layers." in k) for k in shapes) or emb:
+        hints.append("--channel_mult / --num_channels (channel counts differ)")
     if any(part in k for k in absent for part in (".qkv.", ".proj_out.", ".norm.")):
         hints.append("--attention_resolutions (attention blocks where the other side has none)")
-    if any(".op." in k for k in absent) and any(".in_layers." in k for k in absent):
+    if any(".op." in k or ".conv." in k for k in absent) and any(".in_layers." in k for k in absent):
         hints.append("--resblock_updown (ResBlock vs convolution up/downsampling)")
     if not hints:
         hints.append("--num_channels / --channel_mult / --num_res_blocks / --attention_resolutions")

@@ -6,16 +6,22 @@ output. What differs is how it runs:
 
 * every GroupNorm (+ AdaGN scale/shift, + SiLU) is one `ddpm_fast.ops.group_norm_scale_shift` call
   and every attention one `ddpm_fast.ops.attention` call, on the backend chosen by `model.backend`
-  ("auto", "torch", "cpu", "cuda", "triton");
+  ("auto", "torch", "cpu", "cuda", "triton"); while autograd records through a call (training,
+  gradients with respect to x) that call runs the differentiable reference, the kernels being
+  forward-only;
 * with any backend but "torch" the fast paths below are on (`model.fast`), while `backend="torch"`
   is the plain reference model (the baseline of the benchmarks):
     - the timestep projections of all ResBlocks are one matmul (their weights concatenated once and
       cached until a weight changes);
-    - on the CPU, for channels_last float32/bfloat16 inputs without autograd, the convolutions run
-      through oneDNN with weights prepacked once per input shape, and each ResBlock's residual add
-      is fused into its last convolution;
+    - the convolutions run through `ddpm_fast.fast_layers.FastConv`: on the CPU, for channels_last
+      float32/bfloat16 inputs, oneDNN with weights prepacked once per input shape and each
+      ResBlock's residual add fused into its last convolution; nearest x2 upsampling followed by
+      a 3x3 conv (Upsample, up-ResBlocks) computed as one 2x2 conv of the small image with merged
+      taps (16 instead of 36 multiply-adds per pixel and channel pair). With autograd recording,
+      the plain differentiable path runs;
 * channels_last is kept end to end (`model.to(memory_format=torch.channels_last)` and channels_last
-  inputs); attention then works on the (B, T, C) view without transposing copies.
+  inputs); attention then works on the (B, T, C) view without transposing copies. On the CPU the
+  fast path runs channels_last internally for NCHW inputs too (the result is returned NCHW).
 
 Precision: `convert_to_fp16()` / `convert_to_bf16()` put the convolutions of the torso
 (input_blocks, middle_block, output_blocks) in half precision as guided-diffusion's
@@ -35,6 +41,7 @@ import torch.nn.functional as F
 
 from . import ops
 from ._registry import BACKENDS
+from .fast_layers import FastConv, FastLinear, is_channels_last
 
 NUM_GROUPS = 32  # ADM's normalization(): GroupNorm32(32, channels)
 
@@ -62,67 +69,6 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return emb
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1 and x.is_contiguous(
-        memory_format=torch.channels_last)
-
-
-class _PackedConv:
-    """oneDNN convolution with the weight reordered once per (weight version, input shape).
-
-    Used for channels_last CPU inputs of dtype float32/bfloat16 when autograd is off. The packed
-    weight is an opaque mkldnn tensor kept outside the state_dict; it is rebuilt whenever the
-    weight tensor changes (data pointer, in-place version, dtype) or a new input shape arrives.
-    """
-
-    MAX_SHAPES = 4
-
-    def __init__(self):
-        self.key = None
-        self.packed: dict[tuple, torch.Tensor] = {}
-
-    # The packed tensors are a cache of opaque mkldnn tensors: copies and pickles start empty.
-    def __deepcopy__(self, memo) -> "_PackedConv":
-        return _PackedConv()
-
-    def __getstate__(self) -> dict:
-        return {"key": None, "packed": {}}
-
-    @staticmethod
-    def usable(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-        w = conv.weight
-        return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-                and w.dtype == x.dtype and _is_channels_last(x)
-                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-                and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
-                and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
-
-    def weight_for(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-        w = conv.weight
-        key = (w.data_ptr(), w._version, w.dtype)
-        if key != self.key:
-            self.key, self.packed = key, {}
-        shape = tuple(x.shape)
-        packed = self.packed.get(shape)
-        if packed is None:
-            if len(self.packed) >= self.MAX_SHAPES:
-                self.packed.clear()
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                w.detach(), list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
-                list(shape))
-            self.packed[shape] = packed
-        return packed
-
-    def __call__(self, conv: nn.Conv2d, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-        w = self.weight_for(conv, x)
-        b = None if conv.bias is None else conv.bias.detach()
-        geom = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-        if add is None:
-            return torch.ops.mkldnn._convolution_pointwise(x, w, b, *geom, "none", [], "")
-        return torch.ops.mkldnn._convolution_pointwise.binary(x, add, w, b, *geom, "add", None, None,
-                                                              [], None)
-
-
 class _UsesOps:
     """Mixin of the blocks whose forward calls ddpm_fast's ops: carries the backend and the
     fast-path switch (set for the whole model through `UNet.backend` / `UNet.fast`)."""
@@ -130,30 +76,51 @@ class _UsesOps:
     backend = "auto"
     fast = True
 
-    def _init_ops(self) -> None:
-        self._packed: dict[str, _PackedConv] = {}
+    def _fast_conv(self, name: str) -> FastConv:
+        convs = self.__dict__.setdefault("_fast_convs", {})
+        runner = convs.get(name)
+        if runner is None:
+            runner = convs[name] = FastConv()
+        return runner
+
+    def _linear(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
+                add: torch.Tensor | None = None) -> torch.Tensor:
+        """x (M, K) @ weight.T + bias [+ add]: prepacked oneDNN on the fast path (see fast_layers)."""
+        if self.fast:
+            linears = self.__dict__.setdefault("_fast_linears", {})
+            runner = linears.get(name)
+            if runner is None:
+                runner = linears[name] = FastLinear()
+            return runner.linear(x, weight, bias, add)
+        out = F.linear(x, weight[:, :, 0] if weight.dim() == 3 else weight, bias)
+        return out if add is None else out.add_(add)
 
     def _conv(self, name: str, conv: nn.Conv2d, x: torch.Tensor,
               add: torch.Tensor | None = None) -> torch.Tensor:
-        """conv(x) [+ add]; through a prepacked oneDNN kernel when the fast path allows it."""
-        if self.fast and _PackedConv.usable(conv, x) and (
-                add is None or (_is_channels_last(add) and add.dtype == x.dtype
-                                and add.shape[0] == x.shape[0])):
-            if not hasattr(self, "_packed"):
-                self._init_ops()
-            runner = self._packed.get(name)
-            if runner is None:
-                runner = self._packed[name] = _PackedConv()
-            out = runner(conv, x, add)
-            if add is None or out.shape == add.shape:
-                return out
+        """conv(x) [+ add]: prepacked, with the add fused, on the fast path (see fast_layers)."""
+        if self.fast:
+            return self._fast_conv(name).conv(conv, x, add)
         out = conv(x)
         return out if add is None else add + out
 
+    def _conv_up2(self, name: str, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """conv(nearest x2 upsampling of x): as 2x2 phase convs of x on the fast path."""
+        if self.fast:
+            return self._fast_conv(name).up2(conv, x)
+        return conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+    def _op_backend(self, *tensors) -> str:
+        """The backend of an op call: the fused kernels are forward-only, so while autograd records
+        through the call the differentiable pure-PyTorch reference runs instead."""
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return "torch"
+        return self.backend
+
     def _norm(self, norm: nn.GroupNorm, x: torch.Tensor, *, silu: bool,
               scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
+        backend = self._op_backend(x, norm.weight, norm.bias, scale, shift)
         return ops.group_norm_scale_shift(x, norm.num_groups, norm.weight, norm.bias, scale=scale,
-                                          shift=shift, eps=norm.eps, silu=silu, backend=self.backend)
+                                          shift=shift, eps=norm.eps, silu=silu, backend=backend)
 
 
 class _OpsModule(_UsesOps, nn.Module):
@@ -181,8 +148,9 @@ class Upsample(_OpsModule):
                              f"out_channels={self.out_channels}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2, mode="nearest")
-        return self._conv("conv", self.conv, x) if self.use_conv else x
+        if self.use_conv:
+            return self._conv_up2("conv", self.conv, x)
+        return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
 class Downsample(_OpsModule):
@@ -205,10 +173,6 @@ class Downsample(_OpsModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv("op", self.op, x) if self.use_conv else self.op(x)
-
-
-def _resample(x: torch.Tensor, up: bool) -> torch.Tensor:
-    return F.interpolate(x, scale_factor=2, mode="nearest") if up else F.avg_pool2d(x, 2, 2)
 
 
 class ResBlock(_OpsModule):
@@ -243,10 +207,6 @@ class ResBlock(_OpsModule):
         else:
             self.skip_connection = nn.Conv2d(channels, c_out, 1)
 
-    @property
-    def emb_width(self) -> int:
-        return self.emb_layers[1].out_features
-
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W), emb (N, emb_channels): the block on its own."""
         return self.forward_projected(x, self.emb_layers(emb))
@@ -254,10 +214,13 @@ class ResBlock(_OpsModule):
     def forward_projected(self, x: torch.Tensor, emb_out: torch.Tensor) -> torch.Tensor:
         """The block given emb_out = emb_layers(emb), (N, 2 * out_channels) or (N, out_channels)."""
         h = self._norm(self.in_layers[0], x, silu=True)
-        if self.up or self.down:
-            h = _resample(h, self.up)
-            x = _resample(x, self.up)
-        h = self._conv("in_layers.2", self.in_layers[2], h)
+        if self.up:
+            h = self._conv_up2("in_layers.2", self.in_layers[2], h)
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        else:
+            if self.down:
+                h, x = F.avg_pool2d(h, 2, 2), F.avg_pool2d(x, 2, 2)
+            h = self._conv("in_layers.2", self.in_layers[2], h)
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
             h = self._norm(self.out_layers[0], h, silu=True, scale=scale, shift=shift)
@@ -298,18 +261,18 @@ class AttentionBlock(_OpsModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
         h = self._norm(self.norm, x, silu=False)
-        if not (self.fast and _is_channels_last(x)):
+        if not (self.fast and is_channels_last(x)):
             qkv = F.conv1d(h.reshape(b, c, -1), self.qkv.weight, self.qkv.bias)
-            a = ops.attention(qkv, self.num_heads, layout=self.layout, backend=self.backend)
+            a = ops.attention(qkv, self.num_heads, layout=self.layout, backend=self._op_backend(qkv))
             return x + F.conv1d(a, self.proj_out.weight, self.proj_out.bias).reshape(x.shape)
         # channels_last: the activations are (B, T, C) in memory; the 1x1 convs are matmuls over
         # the B*T tokens, with no transposing copies of x and the residual add done in place.
         tokens = x.shape[2] * x.shape[3]
-        qkv = F.linear(h.permute(0, 2, 3, 1).reshape(b * tokens, c), self.qkv.weight[:, :, 0], self.qkv.bias)
+        qkv = self._linear("qkv", self.qkv.weight, self.qkv.bias, h.permute(0, 2, 3, 1).reshape(b * tokens, c))
         qkv = qkv.view(b, tokens, 3 * c).transpose(1, 2)  # (B, 3C, T), channel stride 1
-        a = ops.attention(qkv, self.num_heads, layout=self.layout, backend=self.backend)
-        out = F.linear(a.transpose(1, 2).reshape(b * tokens, c), self.proj_out.weight[:, :, 0], self.proj_out.bias)
-        out += x.permute(0, 2, 3, 1).reshape(b * tokens, c)
+        a = ops.attention(qkv, self.num_heads, layout=self.layout, backend=self._op_backend(qkv))
+        out = self._linear("proj_out", self.proj_out.weight, self.proj_out.bias,
+                           a.transpose(1, 2).reshape(b * tokens, c), add=x.permute(0, 2, 3, 1).reshape(b * tokens, c))
         return out.view(b, x.shape[2], x.shape[3], c).permute(0, 3, 1, 2)
 
 
@@ -542,19 +505,20 @@ class UNet(nn.Module):
         if not (self.fast and linears and len({(l.weight.dtype, l.weight.device) for l in linears}) == 1):
             return {blk: blk.emb_layers[1](act) for blk in self._resblocks}
         params = [p for l in linears for p in (l.weight, l.bias)]
-        key = tuple((p.data_ptr(), p._version) for p in params)
+        key = tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in params)
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         if grad:
             weight = torch.cat([l.weight for l in linears])
             bias = torch.cat([l.bias for l in linears])
         else:
             if key != self._fused_emb_key:
-                with torch.no_grad():
+                # a normal tensor even under inference_mode, so that later autograd use is allowed
+                with torch.inference_mode(False), torch.no_grad():
                     self._fused_emb = (torch.cat([l.weight for l in linears]),
                                        torch.cat([l.bias for l in linears]))
                 self._fused_emb_key = key
             weight, bias = self._fused_emb
-        out = F.linear(act.to(weight.dtype), weight, bias)
+        out = self._head._linear("emb_layers", weight, bias, act.to(weight.dtype))
         return dict(zip(self._resblocks, out.split([l.out_features for l in linears], dim=1)))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -585,7 +549,10 @@ class UNet(nn.Module):
             emb = emb + self.label_emb(y)
         emb_outs = self._project_embeddings(emb)
 
-        h = x.to(self.dtype)
+        # On the CPU the fast path runs channels_last (prepacked oneDNN convs) whatever x's layout;
+        # the result comes back in x's layout.
+        relayout = self.fast and x.device.type == "cpu" and not is_channels_last(x)
+        h = x.to(dtype=self.dtype, memory_format=torch.channels_last if relayout else torch.preserve_format)
         skips = []
         for block in self.input_blocks:
             h = block(h, emb_outs)
@@ -595,4 +562,5 @@ class UNet(nn.Module):
             h = block(torch.cat([h, skips.pop()], dim=1), emb_outs)
         norm, conv = self.out[0], self.out[2]
         h = self._head._norm(norm, h.to(conv.weight.dtype), silu=True)
-        return self._head._conv("out.2", conv, h).to(x.dtype)
+        out = self._head._conv("out.2", conv, h)
+        return out.to(dtype=x.dtype, memory_format=torch.contiguous_format if relayout else torch.preserve_format)

@@ -1,0 +1,188 @@
+"""Inference-time convolutions and linear layers of the U-Net: prepacked oneDNN weights on the
+CPU, and nearest x2 upsampling + 3x3 conv computed as 2x2 convs on the small image.
+
+`FastConv` belongs to one nn.Conv2d. Its `conv(x, add)` gives conv(x) [+ add] and its `up2(x)`
+gives conv(nearest_upsample_x2(x)), both equal to the plain computation up to float rounding:
+
+- On the CPU, for channels_last float32/bfloat16 inputs, the convolution runs through oneDNN
+  (`torch.ops.mkldnn._convolution_pointwise`) with the weight reordered into oneDNN's blocked
+  layout once per input shape instead of on every call, and `add` (a ResBlock's residual) fused
+  into the convolution's output.
+- `up2`: a 3x3 conv (padding 1) of a nearest-upsampled image gives each of the four output
+  phases (row parity a, column parity b) as a 2x2 conv of the small image with merged taps; all
+  four are one 2x2 conv with 4x the output channels (padding 1), interleaved afterwards. That is
+  16 instead of 36 multiply-adds per input-output channel pair and small-image pixel, and no
+  upsampled copy of the input.
+
+`FastLinear` belongs to one linear map (an nn.Linear, or a 1x1 Conv1d as ADM's attention uses):
+`linear(x2d, weight, bias, add)` gives x2d @ weight.T + bias [+ add] through oneDNN's
+`_linear_pointwise` with the weight prepacked, for float32/bfloat16 CPU inputs. (On the AMD CPU
+these were measured on, oneDNN runs fp32 GEMMs at about twice the speed of the MKL sgemm behind
+F.linear.)
+
+All keep derived weights (packed or merged) in a cache rebuilt whenever the conv's weight changes
+(data pointer, in-place version counter, dtype); the caches are not part of any state_dict and
+start empty in copies. When autograd is recording for the weights or the input, the plain
+differentiable computation runs instead.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MAX_SHAPES = 4  # packed weights kept per conv (one per input shape seen last)
+
+# Merging the 3 kernel rows of a 3x3 conv into the 2 rows each output phase sees, for phase a
+# (the parity of the output row): rows of the small image i - 1 + a and i + a.
+_PHASE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]],
+                            [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """A dense 4-D tensor stored NHWC (and not trivially so: C > 1)."""
+    return x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _records_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
+def _packable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return is_channels_last(x) and _onednn_ok(x, weight)
+
+
+def _weight_key(weight: torch.Tensor) -> tuple:
+    """Identifies a weight's current values: storage, in-place version (inference tensors have
+    none: they cannot change outside inference mode), dtype and device."""
+    version = 0 if weight.is_inference() else weight._version
+    return (weight.data_ptr(), version, weight.dtype, weight.device)
+
+
+def upsample_phase_weights(weight: torch.Tensor, bias: torch.Tensor | None):
+    """(O, I, 3, 3) weights of a conv applied after nearest x2 upsampling -> the (4 * O, I, 2, 2)
+    weights (phases (a, b) in row-major order, O channels each) of the equivalent 2x2 conv of the
+    small image with padding 1, and the bias repeated per phase."""
+    work = weight.dtype if weight.dtype == torch.float64 else torch.float32  # half weights: sum in fp32
+    taps = _PHASE_TAPS.to(device=weight.device, dtype=work)
+    merged = torch.einsum("ark,bcl,oikl->aboirc", taps, taps, weight.to(work))
+    out_ch, in_ch = weight.shape[:2]
+    merged = merged.reshape(4 * out_ch, in_ch, 2, 2).to(weight.dtype)
+    return merged, None if bias is None else bias.repeat(4)
+
+
+def interleave_phases(y: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, 4 * O, H + 1, W + 1) output of the phase conv -> (B, O, 2H, 2W), in y's memory format:
+    out[:, :, 2i + a, 2j + b] = y[:, phase (a, b), i + a, j + b]."""
+    batch, out_ch = y.shape[0], y.shape[1] // 4
+    fmt = torch.channels_last if is_channels_last(y) else torch.contiguous_format
+    out = torch.empty((batch, out_ch, 2 * height, 2 * width), dtype=y.dtype, device=y.device, memory_format=fmt)
+    phases = y.unflatten(1, (2, 2, out_ch))
+    grid = out.unflatten(2, (height, 2)).unflatten(4, (width, 2))  # (B, O, H, 2, W, 2) view
+    for a in (0, 1):
+        for b in (0, 1):
+            grid[:, :, :, a, :, b].copy_(phases[:, a, b, :, a:a + height, b:b + width])
+    return out
+
+
+class FastConv:
+    """Cached inference paths of one nn.Conv2d (see the module docstring)."""
+
+    def __init__(self):
+        self._source = None   # (data_ptr, version, dtype, device) of the weight the caches derive from
+        self._packed: dict[tuple, torch.Tensor] = {}
+        self._phase = None
+
+    # The caches hold opaque mkldnn tensors: copies and pickles start empty.
+    def __deepcopy__(self, memo) -> "FastConv":
+        return FastConv()
+
+    def __getstate__(self) -> dict:
+        return {"_source": None, "_packed": {}, "_phase": None}
+
+    def _sync(self, weight: torch.Tensor) -> None:
+        key = _weight_key(weight)
+        if key != self._source:
+            self._source, self._packed, self._phase = key, {}, None
+
+    def _run(self, kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+             padding, stride, dilation, groups: int, add: torch.Tensor | None) -> torch.Tensor:
+        if not _packable(x, weight) or (add is not None and not (is_channels_last(add) and add.dtype == x.dtype)):
+            out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+            return out if add is None else out.add_(add)
+        key = (kind, tuple(x.shape))
+        packed = self._packed.get(key)
+        if packed is None:
+            if len(self._packed) >= MAX_SHAPES:
+                self._packed.clear()
+            packed = self._packed[key] = torch.ops.mkldnn._reorder_convolution_weight(
+                weight, list(padding), list(stride), list(dilation), groups, list(x.shape))
+        geometry = (list(padding), list(stride), list(dilation), groups)
+        if add is None:
+            return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *geometry, "none", [], "")
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, add, packed, bias, *geometry, "add", None,
+                                                              None, [], None)
+
+    def conv(self, conv: nn.Conv2d, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """conv(x) [+ add] (add shaped like the output)."""
+        if _records_grad(conv.weight, conv.bias, x, add) or conv.padding_mode != "zeros" \
+                or isinstance(conv.padding, str):
+            out = conv(x)
+            return out if add is None else add + out
+        self._sync(conv.weight)
+        return self._run("conv", x, conv.weight.detach(), None if conv.bias is None else conv.bias.detach(),
+                         conv.padding, conv.stride, conv.dilation, conv.groups, add)
+
+    def up2(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """conv(nearest_upsample_x2(x)) for a 3x3, stride 1, padding 1 conv."""
+        simple = (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+                  and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
+        if not simple or _records_grad(conv.weight, conv.bias, x):
+            return conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        self._sync(conv.weight)
+        if self._phase is None:
+            with torch.no_grad():
+                self._phase = upsample_phase_weights(conv.weight.detach(),
+                                                     None if conv.bias is None else conv.bias.detach())
+        weight, bias = self._phase
+        y = self._run("up2", x, weight, bias, (1, 1), (1, 1), (1, 1), 1, None)
+        return interleave_phases(y, x.shape[2], x.shape[3])
+
+
+class FastLinear:
+    """x2d @ weight.T + bias [+ add] with the weight prepacked for oneDNN (see the module docstring)."""
+
+    def __init__(self):
+        self._source = None
+        self._packed = None
+
+    def __deepcopy__(self, memo) -> "FastLinear":
+        return FastLinear()
+
+    def __getstate__(self) -> dict:
+        return {"_source": None, "_packed": None}
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               add: torch.Tensor | None = None) -> torch.Tensor:
+        """x (M, K), weight (N, K) (a Conv1d's (N, K, 1) is taken as (N, K)), bias (N,), add (M, N)."""
+        if weight.dim() == 3:
+            weight = weight[:, :, 0]
+        usable = (x.dim() == 2 and _onednn_ok(x, weight) and not _records_grad(weight, bias, x, add)
+                  and (bias is None or bias.dtype == x.dtype)
+                  and (add is None or (add.dtype == x.dtype and add.is_contiguous())))
+        if not usable:
+            out = F.linear(x, weight, bias)
+            return out if add is None else out.add_(add)
+        key = _weight_key(weight)
+        if key != self._source:
+            self._source = key
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        bias = None if bias is None else bias.detach()
+        if add is None:
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, add, self._packed, bias, "add")
