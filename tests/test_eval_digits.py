@@ -65,6 +65,7 @@ def test_metric_helpers():
     np.testing.assert_allclose(E.to_8x8(x16), x8.reshape(3, 64).double().numpy(), atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", ["ddpm:50", "ddim:25"])
 def test_samples_are_recognised_and_diverse(model, classifier, setting):
     r = E.evaluate(model, setting, num_samples=100, seed=1, classifier=classifier)
@@ -74,6 +75,7 @@ def test_samples_are_recognised_and_diverse(model, classifier, setting):
     assert r["diversity"] >= 0.4, r
 
 
+@pytest.mark.slow
 def test_guided_and_unconditional_samples(model, classifier):
     """Classifier-free guidance (scale 3) keeps the labels; the null label samples digits of
     several classes."""
