@@ -17,16 +17,6 @@
 
 #include "ddpm_fast_common.h"
 
-// DDPM_HD, and always inlined on the host too: the CPU kernel's loops vectorise only when every
-// call inside them is inlined.
-#ifndef DDPM_HD_INLINE
-#if defined(__CUDACC__)
-#define DDPM_HD_INLINE DDPM_HD
-#else
-#define DDPM_HD_INLINE inline __attribute__((always_inline))
-#endif
-#endif
-
 namespace ddpm_fast {
 namespace philox {
 
