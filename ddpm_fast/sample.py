@@ -28,16 +28,6 @@ def sample_seeds(seed: int, start: int, count: int, device: torch.device | str =
     return base + torch.arange(start, start + count, dtype=torch.int64, device=device)
 
 
-def _resolve_process(diffusion, steps, skip):
-    if skip is not None:
-        if steps is not None and steps != 250 and steps is not None:
-            raise ValueError("give either steps or skip (the seed's K step skipping), not both")
-        return diffusion.skip(skip)
-    if steps is None:
-        return diffusion
-    return diffusion.respace(steps)
-
-
 def _check_labels(class_labels, num_classes):
     """Validate user labels once: a class-conditional model, integer labels in range."""
     if class_labels is None:
