@@ -46,14 +46,19 @@ def models():
     return reference, fast
 
 
-@pytest.mark.parametrize("batch", [1, 4])
-def test_unet_forward_cpu_fp32(compare, models, batch):
-    reference, fast = models
+def _inputs(batch: int):
+    """(x, t, y, x in channels_last) of one seeded batch."""
     gen = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, 3, 32, 32, generator=gen)
     t = torch.randint(0, 1000, (batch,), generator=gen)
     y = torch.randint(0, 10, (batch,), generator=gen)
-    x_cl = x.contiguous(memory_format=torch.channels_last)
+    return x, t, y, x.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_unet_forward_cpu_fp32(compare, models, batch):
+    reference, fast = models
+    x, t, y, x_cl = _inputs(batch)
     with torch.inference_mode():
         want = reference(x, t, y)
         torch.testing.assert_close(fast(x_cl, t, y), want, rtol=1e-4, atol=1e-4)
@@ -70,11 +75,7 @@ def test_unet_forward_vs_compiled_reference(compare, models, batch):
     """ddpm_fast's model against torch.compile of the reference model (inductor), fp32 CPU."""
     reference, fast = models
     compiled = torch.compile(copy.deepcopy(reference))
-    gen = torch.Generator().manual_seed(batch)
-    x = torch.randn(batch, 3, 32, 32, generator=gen)
-    t = torch.randint(0, 1000, (batch,), generator=gen)
-    y = torch.randint(0, 10, (batch,), generator=gen)
-    x_cl = x.contiguous(memory_format=torch.channels_last)
+    x, t, y, x_cl = _inputs(batch)
     with torch.inference_mode():
         torch.testing.assert_close(compiled(x, t, y), reference(x, t, y), rtol=1e-4, atol=1e-4)
         compare(lambda: fast(x_cl, t, y), lambda: compiled(x, t, y), device="cpu",
