@@ -114,11 +114,16 @@ def resolve(op: str, backend: str, device: torch.device, *, triton_ok: bool = Tr
 
     auto: triton for CUDA tensors when usable (and `triton_ok`), else the CUDA C++ kernel; the C++
     CPU kernel for CPU tensors; the reference when no kernel fits. An explicit backend that cannot
-    run here raises ValueError saying why.
+    run here raises ValueError saying why. The choice depends only on the arguments and on this
+    process (extension, GPU, TRITON_INTERPRET), so torch.compile treats it as a constant.
     """
+    return _resolve(op, backend, device.type, triton_ok)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(op: str, backend: str, dev: str, triton_ok: bool) -> str:
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
-    dev = device.type
     if backend == "auto":
         if dev == "cuda":
             if triton_ok and triton_status().available:
@@ -133,13 +138,13 @@ def resolve(op: str, backend: str, device: torch.device, *, triton_ok: bool = Tr
         return backend
     if backend == "cpu":
         if dev != "cpu":
-            raise ValueError(f"backend='cpu' runs on CPU tensors; the input is on {device}")
+            raise ValueError(f"backend='cpu' runs on CPU tensors; the input is on {dev}")
         if not has_kernel(op, "CPU"):
             raise ValueError(f"backend='cpu' is unavailable for {op}: {backends()['cpu'].reason}")
         return backend
     if backend == "cuda":
         if dev != "cuda":
-            raise ValueError(f"backend='cuda' runs on CUDA tensors; the input is on {device}")
+            raise ValueError(f"backend='cuda' runs on CUDA tensors; the input is on {dev}")
         if not has_kernel(op, "CUDA"):
             raise ValueError(f"backend='cuda' is unavailable for {op}: {backends()['cuda'].reason}")
         return backend

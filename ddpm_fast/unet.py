@@ -76,6 +76,12 @@ class _UsesOps:
     backend = "auto"
     fast = True
 
+    @property
+    def _cached_layers(self) -> bool:
+        """The fast path's cached conv / linear runners (eager only: inside torch.compile the
+        plain layers run and the compiler picks their kernels; the fused ops run either way)."""
+        return self.fast and not torch.compiler.is_compiling()
+
     def _fast_conv(self, name: str) -> FastConv:
         convs = self.__dict__.setdefault("_fast_convs", {})
         runner = convs.get(name)
@@ -86,7 +92,7 @@ class _UsesOps:
     def _linear(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
                 add: torch.Tensor | None = None) -> torch.Tensor:
         """x (M, K) @ weight.T + bias [+ add]: prepacked oneDNN on the fast path (see fast_layers)."""
-        if self.fast:
+        if self._cached_layers:
             linears = self.__dict__.setdefault("_fast_linears", {})
             runner = linears.get(name)
             if runner is None:
@@ -98,14 +104,14 @@ class _UsesOps:
     def _conv(self, name: str, conv: nn.Conv2d, x: torch.Tensor,
               add: torch.Tensor | None = None) -> torch.Tensor:
         """conv(x) [+ add]: prepacked, with the add fused, on the fast path (see fast_layers)."""
-        if self.fast:
+        if self._cached_layers:
             return self._fast_conv(name).conv(conv, x, add)
         out = conv(x)
         return out if add is None else add + out
 
     def _conv_up2(self, name: str, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         """conv(nearest x2 upsampling of x): as 2x2 phase convs of x on the fast path."""
-        if self.fast:
+        if self._cached_layers:
             return self._fast_conv(name).up2(conv, x)
         return conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
@@ -505,12 +511,12 @@ class UNet(nn.Module):
         if not (self.fast and linears and len({(l.weight.dtype, l.weight.device) for l in linears}) == 1):
             return {blk: blk.emb_layers[1](act) for blk in self._resblocks}
         params = [p for l in linears for p in (l.weight, l.bias)]
-        key = tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in params)
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        if grad:
+        if grad or torch.compiler.is_compiling():  # no cache across autograd or inside a compiled graph
             weight = torch.cat([l.weight for l in linears])
             bias = torch.cat([l.bias for l in linears])
         else:
+            key = tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in params)
             if key != self._fused_emb_key:
                 # a normal tensor even under inference_mode, so that later autograd use is allowed
                 with torch.inference_mode(False), torch.no_grad():
