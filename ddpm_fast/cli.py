@@ -207,7 +207,7 @@ def _restore(args) -> int:
     t0 = time.perf_counter()
     x = restore(model, image.to(args.device), None if mask is None else mask.to(args.device),
                 strength=args.strength, jump_length=args.jump_length, jump_n_sample=args.jump_n_sample,
-                seed=args.seed, **options)
+                reconstruction_guidance=args.reconstruction_guidance, seed=args.seed, **options)
     out = to_images(x)[0]
     Image.fromarray(out[..., 0] if out.shape[-1] == 1 else out).save(args.out)
     print(f"restored {args.image} with {what} in {time.perf_counter() - t0:.1f} s -> {args.out}")
@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strength", type=float, default=None, help="(0, 1]: partial-noise restoration")
     p.add_argument("--jump-length", type=int, default=10, help="RePaint jump length")
     p.add_argument("--jump-n-sample", type=int, default=1, help="RePaint resamplings (1 = none)")
+    p.add_argument("--reconstruction-guidance", type=float, default=0.0, metavar="W",
+                   help="weight of reconstruction guidance towards the known pixels (e.g. 10; 0 = off)")
     p.set_defaults(func=_restore, batch_size=1)
     p = sub.add_parser("merge", help="assemble a sharded run's chunks into one npz")
     p.add_argument("dir")

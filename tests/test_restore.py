@@ -73,6 +73,57 @@ def test_bad_inputs():
         ddpm_fast.restore(m, img, diffusion=d)
     with pytest.raises(ValueError, match="jump_length"):
         ddpm_fast.restore(m, img, torch.ones(2, 1, 8, 8), diffusion=d, jump_length=0)
+    with pytest.raises(ValueError, match="reconstruction_guidance must be >= 0"):
+        ddpm_fast.restore(m, img, torch.ones(2, 1, 8, 8), diffusion=d, reconstruction_guidance=-1.0)
+    with pytest.raises(ValueError, match="reconstruction_guidance needs a mask"):
+        ddpm_fast.restore(m, img, strength=0.5, diffusion=d, reconstruction_guidance=1.0)
+
+
+def test_reconstruction_guidance_gradient():
+    """The guidance gradient handed to the step is -w sqrt(ab) d/dx |mask (x0_hat - image)|^2,
+    computed through the model (one extra call per step); it pulls the generated region's x0
+    towards agreement with the known pixels."""
+    import sys
+
+    from ddpm_fast.step_layout import SQRT_1M_AB, SQRT_AB
+
+    restore_module = sys.modules["ddpm_fast.restore"]
+    d = Diffusion("cosine", 6)
+    model = Recorder()
+    torch.manual_seed(3)
+    image = torch.rand(2, 1, 8, 8) * 2 - 1
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[..., :4, :] = 1
+    seen = []
+    real_loop = restore_module.reverse_loop
+
+    def spy(fn, plan, x, seeds, **kw):
+        cond_fn = kw["cond_fn"]
+
+        def checked(x, t):
+            grad = cond_fn(x, t)
+            s = plan.num_steps - 1 - len(seen)  # one step per call, from S-1 down
+            coef = plan.coef[s]
+            xr = x.detach().requires_grad_(True)
+            eps = 0.3 * torch.tanh(xr)
+            x0 = (xr - coef[SQRT_1M_AB] * eps) / coef[SQRT_AB]
+            (want,) = torch.autograd.grad((mask * (x0 - image)).square().sum(), xr)
+            torch.testing.assert_close(grad, -2.5 * coef[SQRT_AB] * want)
+            seen.append(s)
+            return grad
+
+        kw["cond_fn"] = checked
+        return real_loop(fn, plan, x, seeds, **kw)
+
+    restore_module.reverse_loop = spy
+    try:
+        out = ddpm_fast.restore(model, image, mask, diffusion=d, steps=None, reconstruction_guidance=2.5,
+                                progress=False)
+    finally:
+        restore_module.reverse_loop = real_loop
+    assert seen == [5, 4, 3, 2, 1, 0]
+    assert len(model.seen) == 12  # the step's call and the guidance call at every step
+    assert torch.equal(out[mask.bool()], image[mask.bool()])
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +146,14 @@ def test_inpaint_lower_half_recovers_the_digit(digits):
     mask[..., 8:, :] = 0  # lower half unknown
     masked = x * mask + (1 - mask) * -1.0  # blank (black) lower half
     before = (clf.svc.predict(to_8x8(masked)) == y).mean()
-    # unconditional (null label), RePaint resampling: jumps of 5 steps, 3 passes
-    out = ddpm_fast.restore(model, x, mask, steps="50", jump_length=5, jump_n_sample=3, seed=0,
-                            progress=False)
+    # unconditional (null label), RePaint resampling (jumps of 5 steps, 3 passes) with
+    # reconstruction guidance
+    out = ddpm_fast.restore(model, x, mask, steps="50", jump_length=5, jump_n_sample=3,
+                            reconstruction_guidance=10.0, seed=0, progress=False)
     assert torch.equal(out[..., :8, :], x[..., :8, :])
     after = (clf.svc.predict(to_8x8(out)) == y).mean()
-    # The issue's target is 75%; the bundled model reaches about 63% here (27% before): the
-    # bound asserts a clear recovery, the README and the issue note give the measured figures.
-    assert after >= 0.55 and after >= before + 0.25, (before, after)
+    # measured: 27% before, 86% after on these 100 digits (87% on 300; 70% without guidance)
+    assert after >= 0.75 and after >= before + 0.4, (before, after)
 
 
 @pytest.mark.slow
@@ -117,3 +168,26 @@ def test_strength_restoration_lowers_the_error(digits):
     mse_noisy = ((noisy - clean) ** 2).mean()
     mse_out = ((out - clean) ** 2).mean()
     assert mse_out < 0.8 * mse_noisy, (float(mse_noisy), float(mse_out))
+
+
+def test_cli_restore_writes_a_png_keeping_the_known_pixels(tmp_path):
+    """`ddpm-fast restore` on the bundled model: PNG in, PNG out, known (white-mask) pixels kept."""
+    import numpy as np
+    from PIL import Image
+
+    from ddpm_fast.cli import main
+
+    rng = np.random.default_rng(0)
+    digit = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    keep = np.zeros((16, 16), dtype=np.uint8)
+    keep[:8] = 255
+    Image.fromarray(digit).save(tmp_path / "in.png")
+    Image.fromarray(keep).save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    assert main(["restore", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                 "--steps", "4", "--reconstruction-guidance", "10", "--no-progress", "--out", str(out)]) == 0
+    got = np.asarray(Image.open(out))
+    assert got.shape == (16, 16)
+    # uint8 -> [-1, 1] -> uint8 round trip is exact for the known half
+    np.testing.assert_array_equal(got[:8], digit[:8])
+    assert np.abs(got[8:].astype(int) - digit[8:].astype(int)).mean() > 10
