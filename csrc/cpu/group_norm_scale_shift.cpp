@@ -6,7 +6,8 @@
 //      Chan's formula in double;
 //   2. apply: per (n, c) the normalisation, GroupNorm affine and AdaGN scale-shift are folded into
 //      y = a * x + b, so the inner loop is one FMA (+ SiLU) per element.
-// NCHW: pass 1 runs over the (n, c) planes, pass 2 too. Channels-last (NHWC / NDHWC / NLC): pass 1
+// NCHW: pass 1 runs over the (n, c) planes, pass 2 too; when a group's block is small enough for
+// the L2 cache both passes run per (n, group) task, the second on the cached block. Channels-last (NHWC / NDHWC / NLC): pass 1
 // runs over (n, pixel chunk) with per-channel accumulators vectorised along C, pass 2 over pixel
 // rows with the coefficient vectors of sample n. Both passes are parallel (at::parallel_for).
 //
@@ -311,39 +312,74 @@ void apply_nhwc(const T* x, T* y, int64_t n_samples, int64_t pixels, int64_t cha
 
 // ---- the whole op on a dense NCHW-contiguous or channels-last-dense x -------------------------
 
-struct Params {
-  int64_t n, c, pixels, groups;
-  double eps;
-  bool silu;
-  bool channels_last;
-  const float* weight;  // (C,) or nullptr
-  const float* bias;
-  const float* scale;   // (N, C) or nullptr
-  const float* shift;
-};
+using gn::Problem;
 
-// Group statistics from the per-channel moments, then the per-(n, c) coefficients.
-void fold_coefficients(const Params& p, const Moments<double>* chan, float* a, float* b) {
+// The coefficients (a, b) of the cg channels of group g of sample n from their moments chan[0..cg).
+void group_coefficients(const Problem& p, int64_t n, int64_t g, const Moments<double>* chan, float* a,
+                        float* b) {
   const int64_t cg = p.c / p.groups;
-  for (int64_t n = 0; n < p.n; ++n) {
-    for (int64_t g = 0; g < p.groups; ++g) {
-      Moments<double> m = gn::moments_empty<double>();
-      for (int64_t j = 0; j < cg; ++j) m = gn::moments_merge(m, chan[n * p.c + g * cg + j]);
-      const double rstd = gn::group_rstd<double>(m, p.eps);
-      for (int64_t j = 0; j < cg; ++j) {
-        const int64_t c = g * cg + j, nc = n * p.c + c;
-        const ChannelAffine<double> f = gn::channel_affine<double>(
-            m.mean, rstd, p.weight ? p.weight[c] : 1.0, p.bias ? p.bias[c] : 0.0,
-            p.scale ? p.scale[nc] : 0.0, p.shift ? p.shift[nc] : 0.0);
-        a[nc] = static_cast<float>(f.a);
-        b[nc] = static_cast<float>(f.b);
-      }
-    }
+  Moments<double> m = gn::moments_empty<double>();
+  for (int64_t j = 0; j < cg; ++j) m = gn::moments_merge(m, chan[j]);
+  const double rstd = gn::group_rstd<double>(m, p.eps);
+  for (int64_t j = 0; j < cg; ++j) {
+    const int64_t c = g * cg + j, nc = n * p.c + c;
+    const ChannelAffine<double> f = gn::channel_affine<double>(
+        m.mean, rstd, p.weight ? p.weight[c] : 1.0, p.bias ? p.bias[c] : 0.0,
+        p.scale ? p.scale[nc] : 0.0, p.shift ? p.shift[nc] : 0.0);
+    a[j] = static_cast<float>(f.a);
+    b[j] = static_cast<float>(f.b);
   }
 }
 
+// Group statistics from the per-channel moments, then the per-(n, c) coefficients.
+void fold_coefficients(const Problem& p, const Moments<double>* chan, float* a, float* b) {
+  const int64_t cg = p.c / p.groups;
+  for (int64_t n = 0; n < p.n; ++n)
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const int64_t first = n * p.c + g * cg;
+      group_coefficients(p, n, g, chan + first, a + first, b + first);
+    }
+}
+
+// NCHW with groups that fit in the L2 cache: one task per (n, group) reads its contiguous
+// cg * pixels block for the statistics and applies the coefficients while the block is still in
+// cache (one read of x from memory instead of two, one parallel region instead of two).
+constexpr int64_t kCachedGroupBytes = 256 * 1024;
+
 template <typename T>
-void run_dense(const Params& p, const T* x, T* y) {
+bool use_cached_groups(const Problem& p) {
+  const int64_t group_bytes = (p.c / p.groups) * p.pixels * static_cast<int64_t>(sizeof(T));
+  return !p.channels_last && group_bytes <= kCachedGroupBytes &&
+         p.n * p.groups >= 4 * at::get_num_threads();
+}
+
+template <typename T, bool kSilu>
+void run_cached_groups(const Problem& p, const T* x, T* y) {
+  const int64_t cg = p.c / p.groups, len = p.pixels;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cg * len, 1));
+  at::parallel_for(0, p.n * p.groups, grain, [&](int64_t begin, int64_t end) {
+    std::vector<Moments<double>> chan(cg);
+    std::vector<float> a(cg), b(cg);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / p.groups, g = task % p.groups;
+      const int64_t first = (n * p.c + g * cg) * len;
+      for (int64_t j = 0; j < cg; ++j) chan[j] = plane_moments(x + first + j * len, len);
+      group_coefficients(p, n, g, chan.data(), a.data(), b.data());
+      for (int64_t j = 0; j < cg; ++j)
+        apply_plane<T, kSilu>(x + first + j * len, y + first + j * len, len, a[j], b[j]);
+    }
+  });
+}
+
+template <typename T>
+void run_dense(const Problem& p, const T* x, T* y) {
+  if (use_cached_groups<T>(p)) {
+    if (p.silu)
+      run_cached_groups<T, true>(p, x, y);
+    else
+      run_cached_groups<T, false>(p, x, y);
+    return;
+  }
   std::vector<Moments<double>> chan(p.n * p.c);
   if (p.channels_last)
     channel_moments_nhwc(x, p.n, p.pixels, p.c, chan.data());
@@ -364,7 +400,7 @@ void run_dense(const Params& p, const T* x, T* y) {
   }
 }
 
-void run_dense_dispatch(const Params& p, const at::Tensor& x, at::Tensor& y) {
+void run_dense_dispatch(const Problem& p, const at::Tensor& x, at::Tensor& y) {
   switch (x.scalar_type()) {
     case at::kFloat:
       run_dense<float>(p, x.const_data_ptr<float>(), y.mutable_data_ptr<float>());
@@ -433,24 +469,10 @@ at::Tensor group_norm_scale_shift_cpu(const at::Tensor& x, int64_t num_groups,
   gn::check_args(x, num_groups, weight, bias, scale, shift, eps);
   if (!simd_supported()) return composite(x, num_groups, weight, bias, scale, shift, eps, silu);
 
-  gn::Layout layout = gn::plan_layout(x);
-  if (x.numel() == 0) return layout.out;
-  const auto w = gn::as_float(weight), b = gn::as_float(bias), s = gn::as_float(scale),
-             t = gn::as_float(shift);
-  Params p{};
-  p.n = x.size(0);
-  p.c = x.size(1);
-  p.pixels = x.numel() / (p.n * p.c);
-  p.groups = num_groups;
-  p.eps = eps;
-  p.silu = silu;
-  p.channels_last = layout.channels_last;
-  p.weight = w ? w->const_data_ptr<float>() : nullptr;
-  p.bias = b ? b->const_data_ptr<float>() : nullptr;
-  p.scale = s ? s->const_data_ptr<float>() : nullptr;
-  p.shift = t ? t->const_data_ptr<float>() : nullptr;
-  run_dense_dispatch(p, layout.input, layout.result);
-  return gn::finish_layout(layout);
+  if (x.numel() == 0) return at::empty_like(x);
+  gn::Call call = gn::prepare_call(x, num_groups, weight, bias, scale, shift, eps, silu);
+  run_dense_dispatch(call.p, call.layout.input, call.layout.result);
+  return gn::finish_layout(call.layout);
 }
 
 }  // namespace

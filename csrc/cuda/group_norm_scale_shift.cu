@@ -237,12 +237,7 @@ int64_t sm_count() {
   return cache[device];
 }
 
-struct Problem {
-  int64_t n, c, pixels, groups;
-  float eps;
-  bool silu, channels_last;
-  const float *weight, *bias, *scale, *shift;
-};
+using gn::Problem;
 
 template <typename T, int kVec, typename index_t>
 void launch(const Problem& p, const T* x, T* y, const at::TensorOptions& float_opts) {
@@ -290,7 +285,7 @@ void launch(const Problem& p, const T* x, T* y, const at::TensorOptions& float_o
   // 2. coefficients (N, C) of float2
   at::Tensor coef = at::empty({p.n * p.c * 2}, float_opts);
   CoefArgs args{reinterpret_cast<const Moments<float>*>(partial.data_ptr<float>()),
-                per_group, p.c, p.groups, p.eps, p.weight, p.bias, p.scale, p.shift,
+                per_group, p.c, p.groups, static_cast<float>(p.eps), p.weight, p.bias, p.scale, p.shift,
                 reinterpret_cast<float2*>(coef.data_ptr<float>())};
   coefficients_kernel<<<static_cast<unsigned>(ng), kCoefThreads, 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -341,22 +336,10 @@ at::Tensor group_norm_scale_shift_cuda(const at::Tensor& x, int64_t num_groups,
                                        bool silu) {
   gn::check_args(x, num_groups, weight, bias, scale, shift, eps);
   const c10::cuda::CUDAGuard guard(x.device());
-  gn::Layout layout = gn::plan_layout(x);
-  if (x.numel() == 0) return layout.out;
-  const auto w = gn::as_float(weight), b = gn::as_float(bias), s = gn::as_float(scale),
-             t = gn::as_float(shift);
-  Problem p{};
-  p.n = x.size(0);
-  p.c = x.size(1);
-  p.pixels = x.numel() / (p.n * p.c);
-  p.groups = num_groups;
-  p.eps = static_cast<float>(eps);
-  p.silu = silu;
-  p.channels_last = layout.channels_last;
-  p.weight = w ? w->const_data_ptr<float>() : nullptr;
-  p.bias = b ? b->const_data_ptr<float>() : nullptr;
-  p.scale = s ? s->const_data_ptr<float>() : nullptr;
-  p.shift = t ? t->const_data_ptr<float>() : nullptr;
+  if (x.numel() == 0) return at::empty_like(x);
+  gn::Call call = gn::prepare_call(x, num_groups, weight, bias, scale, shift, eps, silu);
+  const Problem& p = call.p;
+  gn::Layout& layout = call.layout;
   switch (x.scalar_type()) {
     case at::kFloat:
       launch_typed<float>(p, layout.input, layout.result);

@@ -60,6 +60,7 @@ struct Options {
 struct Coefs {
   float c[kNumCoefs];
   float fixed_std;  // exp(0.5 * c[kLogVarMin])
+  float recip_sqrt_recipm1_ab;  // 1 / c[kSqrtRecipm1Ab]: eps from x0 multiplies (no per-element division)
 
   DDPM_HD_INLINE float operator[](int i) const { return c[i]; }
 };
@@ -68,6 +69,7 @@ DDPM_HD_INLINE Coefs load_coefs(const float* row) {
   Coefs k;
   for (int i = 0; i < kNumCoefs; ++i) k.c[i] = row[i];
   k.fixed_std = expf(0.5f * k.c[kLogVarMin]);
+  k.recip_sqrt_recipm1_ab = 1.0f / k.c[kSqrtRecipm1Ab];
   return k;
 }
 
@@ -119,14 +121,14 @@ DDPM_HD_INLINE Values<T> step_element(const Coefs& k, const Options& o, T x, T p
   } else {
     T eps = pred;
     if (o.has_grad) {
-      eps = (k[kSqrtRecipAb] * x - x0) / k[kSqrtRecipm1Ab] - k[kSqrt1mAb] * grad;
+      eps = (k[kSqrtRecipAb] * x - x0) * k.recip_sqrt_recipm1_ab - k[kSqrt1mAb] * grad;
       x0 = k[kSqrtRecipAb] * x - k[kSqrtRecipm1Ab] * eps;
     } else if (o.eps_from_x0) {
-      eps = (k[kSqrtRecipAb] * x - x0) / k[kSqrtRecipm1Ab];
+      eps = (k[kSqrtRecipAb] * x - x0) * k.recip_sqrt_recipm1_ab;
     } else if (o.prediction == kPredV) {
       eps = k[kSqrtAb] * pred + k[kSqrt1mAb] * x;
     } else if (o.prediction == kPredX0) {
-      eps = (k[kSqrtRecipAb] * x - x0_raw) / k[kSqrtRecipm1Ab];
+      eps = (k[kSqrtRecipAb] * x - x0_raw) * k.recip_sqrt_recipm1_ab;
     }
     x_det = k[kSqrtAbPrev] * x0 + k[kDdimDir] * eps;
     std = T(k[kDdimSigma]);

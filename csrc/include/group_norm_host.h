@@ -1,6 +1,7 @@
 // Host-side pieces of group_norm_scale_shift shared by the CPU and CUDA kernels: argument checks
 // (for direct calls of torch.ops.ddpm_fast.group_norm_scale_shift; the public wrapper checks first
-// and raises ValueError) and the choice of memory layout the kernels run on.
+// and raises ValueError), the choice of memory layout the kernels run on, and the description of
+// one call (Problem) both kernels take.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -109,6 +110,47 @@ inline Layout plan_layout(const at::Tensor& x) {
 inline at::Tensor finish_layout(Layout& l) {
   if (!l.result.is_same(l.out)) l.out.copy_(l.result);
   return l.out;
+}
+
+// One call as the kernels see it: sizes, options and fp32 parameter pointers (or nullptr).
+struct Problem {
+  int64_t n, c, pixels, groups;
+  double eps;
+  bool silu, channels_last;
+  const float *weight, *bias, *scale, *shift;  // (C,), (C,), (N, C), (N, C)
+};
+
+// A checked call ready to launch: its layout, the fp32 copies of the small parameters (kept alive
+// here) and the Problem pointing into them.
+struct Call {
+  Layout layout;
+  std::optional<at::Tensor> weight, bias, scale, shift;
+  Problem p;
+};
+
+// For x with numel() > 0 that passed check_args.
+inline Call prepare_call(const at::Tensor& x, int64_t num_groups,
+                         const std::optional<at::Tensor>& weight,
+                         const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& scale,
+                         const std::optional<at::Tensor>& shift, double eps, bool silu) {
+  Call call{plan_layout(x), as_float(weight), as_float(bias), as_float(scale), as_float(shift), {}};
+  const auto ptr = [](const std::optional<at::Tensor>& t) {
+    return t ? t->const_data_ptr<float>() : nullptr;
+  };
+  Problem& p = call.p;
+  p.n = x.size(0);
+  p.c = x.size(1);
+  p.pixels = x.numel() / (p.n * p.c);
+  p.groups = num_groups;
+  p.eps = eps;
+  p.silu = silu;
+  p.channels_last = call.layout.channels_last;
+  p.weight = ptr(call.weight);
+  p.bias = ptr(call.bias);
+  p.scale = ptr(call.scale);
+  p.shift = ptr(call.shift);
+  return call;
 }
 
 }  // namespace gn
