@@ -605,15 +605,20 @@ def guided_model_output(model: Callable, x: torch.Tensor, t_model: torch.Tensor,
 
 # ---- the reference loop ---------------------------------------------------------------------------
 
-def _check_labels(labels, batch: int, num_classes: int | None) -> torch.Tensor:
+def check_class_labels(labels, num_classes: int | None, batch: int | None = None) -> torch.Tensor:
+    """Validated class labels as a (B,) int64 tensor: integers in [0, num_classes) (>= 0 when
+    num_classes is None), B == batch when batch is given. Raises ValueError naming class_labels."""
     labels = torch.as_tensor(labels)
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.shape != (batch,):
-        raise ValueError(f"class_labels must be an integer tensor of shape ({batch},); "
-                         f"got {labels.dtype} {tuple(labels.shape)}")
+    if batch is None:
+        labels = labels.reshape(-1)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool or (
+            batch is not None and labels.shape != (batch,)):
+        shape = f" of shape ({batch},)" if batch is not None else ""
+        raise ValueError(f"class_labels must be an integer tensor{shape}; got {labels.dtype} {tuple(labels.shape)}")
     if labels.numel():
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or (num_classes is not None and hi >= num_classes):
-            bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
+            bound = f"[0, {num_classes - 1}]" if num_classes is not None else ">= 0"
             raise ValueError(f"class_labels must lie in {bound}; got values in [{lo}, {hi}]")
     return labels.long()
 
@@ -677,7 +682,7 @@ def reference_sample_loop(model: Callable, diffusion: Diffusion, shape_or_x_T, *
     if kwargs.get("y") is not None:
         if num_classes is None:
             num_classes = getattr(model, "num_classes", None)
-        kwargs["y"] = _check_labels(kwargs["y"], batch, num_classes).to(x.device)
+        kwargs["y"] = check_class_labels(kwargs["y"], num_classes, batch).to(x.device)
     if opts["clip"] is not None:
         x = x.clamp(*opts["clip"])
 

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import graphs
-from .diffusion import guided_model_output
+from .diffusion import check_class_labels, guided_model_output
 from .loop import StepOptions, initial_noise, make_plan, reverse_loop
 
 SEED_BITS = 32
@@ -35,14 +35,7 @@ def _check_labels(class_labels, num_classes):
     if num_classes is None:
         raise ValueError("class_labels were given but the model is not class-conditional "
                          "(num_classes is None)")
-    labels = torch.as_tensor(class_labels).reshape(-1)
-    if labels.is_floating_point() or labels.is_complex():
-        raise ValueError(f"class_labels must be integers; got dtype {labels.dtype}")
-    labels = labels.long()
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"class_labels must lie in [0, {num_classes - 1}]; got values in "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
-    return labels
+    return check_class_labels(class_labels, num_classes)
 
 
 def seeded_labels(seed: int, start: int, count: int, num_classes: int) -> torch.Tensor:
