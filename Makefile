@@ -54,4 +54,4 @@ clean:
 # from runs/digits/checkpoint.pt when interrupted), then its EMA weights are exported.
 .PHONY: train-demo
 train-demo: install
-	$(PY) -m ddpm_fast.train --out runs/digits --minutes 50 --threads 1 --export ddpm_fast/assets --name digits
+	$(PY) -m ddpm_fast.train --out runs/digits --steps 7060 --minutes 60 --threads 2 --export ddpm_fast/assets --name digits

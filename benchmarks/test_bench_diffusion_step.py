@@ -5,7 +5,10 @@ speedup = t_reference_chain / t_fused (the gated ratio). Also recorded in extra_
   t_copy_s, fused_over_copy   the fused step against a plain copy of x (x.clone()): the floor of a
                               pass that reads x and writes a tensor like it (target: within 3x);
   t_plain_s, over_plain       for the projection variants: their time over the plain fused step
-                              (target for "sample": at most 1.5x).
+                              (target for "sample": at most 1.5x);
+  t_given_noise_s             the fused step reading a given noise tensor instead of drawing it: the
+                              difference to t_fused_s is the cost of the in-kernel Philox4x32-10 +
+                              Box-Muller draw.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from ddpm_fast._registry import backends, has_kernel
 from ddpm_fast.step_layout import (DDIM_DIR, DDIM_SIGMA, NONZERO, NUM_COEFS, SQRT_AB_PREV,
                                    SQRT_RECIP_AB, SQRT_RECIPM1_AB)
 
-from conftest import median_time
+from conftest import best_time
 
 
 def ddim_case(shape, dtype, device, eta=1.0):
@@ -51,14 +54,17 @@ def run_compare(compare, benchmark, backend, shape, dtype, device, project_noise
         return reference.diffusion_step(x, eps, coef, noise, method="ddim", project_noise=project_noise)
 
     fused()  # compile / warm up outside the timing
-    t_copy = median_time(lambda: x.clone(), device)
-    t_plain = median_time(lambda: fused(None), device) if project_noise else None
+    t_copy = best_time(lambda: x.clone(), device)
+    t_plain = best_time(lambda: fused(None), device) if project_noise else None
+    given = torch.randn_like(x)
+    t_given = best_time(lambda: ops.diffusion_step(x, eps, coef, noise=given, method="ddim",
+                                                     project_noise=project_noise, backend=backend), device)
     numel = x.numel()
     compare(fused, reference_chain, device=device, dtype=dtype, shape=shape,
             nbytes=4 * numel * x.element_size())  # reads x, eps; writes x_prev, pred_x0
     info = benchmark.extra_info
     info.update(backend=backend, project_noise=str(project_noise), t_copy_s=t_copy,
-                fused_over_copy=info["t_fused_s"] / t_copy)
+                fused_over_copy=info["t_fused_s"] / t_copy, t_given_noise_s=t_given)
     if t_plain is not None:
         info.update(t_plain_s=t_plain, over_plain=info["t_fused_s"] / t_plain)
 

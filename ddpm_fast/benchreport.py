@@ -36,17 +36,23 @@ class Result:
     throughput: str
 
 
+def bench_threads() -> int:
+    """The CPU thread count the benchmarks run with (benchmarks/conftest.py reads the same)."""
+    return int(os.environ.get("DDPM_FAST_BENCH_THREADS", os.cpu_count() or 1))
+
+
 def device_name() -> str:
-    """A file-name-safe device description: the GPU's name, else the CPU's model."""
+    """A file-name-safe device description: the GPU's name, else the CPU's model and the
+    benchmarks' thread count (e.g. cpu-amd-epyc-2t)."""
     try:
         import torch
 
         if torch.cuda.is_available():
             name = torch.cuda.get_device_name()
         else:
-            name = "cpu-" + _cpu_model()
+            name = f"cpu-{_cpu_model()}-{bench_threads()}t"
     except ImportError:
-        name = "cpu-" + _cpu_model()
+        name = f"cpu-{_cpu_model()}-{bench_threads()}t"
     return re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-").lower()
 
 

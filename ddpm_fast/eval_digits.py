@@ -11,6 +11,7 @@ data) and is checked on the hold-out split (`classifier_accuracy`); nothing is c
 
     python -m ddpm_fast.eval_digits                       # DDPM 250 and DDIM 50 (eta 0), 1000 samples each
     python -m ddpm_fast.eval_digits --setting ddim:25 --samples 100 --grid samples.png
+    python -m ddpm_fast.eval_digits --setting ddim:K8:eta=1:noise=zero --setting ddim:K8:eta=1:project=sample
 """
 from __future__ import annotations
 
@@ -72,32 +73,52 @@ def mean_pairwise_distance(x: np.ndarray) -> float:
     return float(torch.pdist(t).mean())
 
 
-def sample_digits(model, labels: torch.Tensor, steps: str = "250", method: str = "ddpm", eta: float = 0.0,
-                  guidance_scale: float | None = None, seed: int = 0) -> torch.Tensor:
+def sample_digits(model, labels: torch.Tensor, seed: int = 0, guidance_scale: float | None = None,
+                  **sampler) -> torch.Tensor:
     """Class-conditional samples (B, C, H, W) in [-1, 1] of `model` (which carries model.diffusion)
-    for labels (B,): the ONE place the evaluation calls a sampler (the reference loop: one model call
-    and one reference.diffusion_step per step of model.diffusion respaced by `steps`)."""
-    from .diffusion import reference_sample_loop
+    for labels (B,): the ONE place the evaluation calls a sampler, ddpm_fast.sample with the
+    keyword arguments `sampler` (method, steps or skip, eta, noise, project_noise: see
+    parse_setting), per-sample noise streams from `seed`."""
+    from .sample import sample
 
-    diffusion = model.diffusion.respace(steps)
-    generator = torch.Generator().manual_seed(seed)
-    c, s = model.in_channels, model.image_size
     with torch.no_grad():
-        return reference_sample_loop(model, diffusion, (labels.shape[0], c, s, s), method=method, eta=eta,
-                                     noise=generator, class_labels=labels, guidance_scale=guidance_scale,
-                                     null_label=getattr(model, "null_label", None))
+        return sample(model, class_labels=labels, batch_size=labels.shape[0], seed=seed,
+                      guidance_scale=guidance_scale, progress=False, **sampler)
 
 
-def parse_setting(setting: str) -> tuple[str, str]:
-    """'ddpm:250' / 'ddim:50' -> (method, respacing spec); DDIM uses guided-diffusion's 'ddimN' spacing."""
+# setting keys -> (ddpm_fast.sample keyword, parser)
+_SETTING_KEYS = {"eta": ("eta", float), "noise": ("noise", str), "project": ("project_noise", str)}
+_SETTING_HELP = ("a setting looks like 'ddpm:250', 'ddim:50', 'ddim:50:eta=1' or "
+                 "'ddim:K8:eta=1:noise=zero:project=sample' (K8 = the seed's step skipping K = 8; "
+                 "keys: eta, noise=normal|squared|zero, project=pixel|sample)")
+
+
+def parse_setting(setting: str) -> dict:
+    """A sampler setting -> the keyword arguments of ddpm_fast.sample it stands for.
+
+    'METHOD:SPACING[:key=value...]': METHOD ddpm or ddim; SPACING N (respaced to N steps, DDIM with
+    guided-diffusion's 'ddimN' spacing) or KN (the seed's step skipping K = N); keys eta,
+    noise (normal|squared|zero) and project (pixel|sample), e.g. 'ddim:K8:eta=1:noise=zero'."""
+    parts = setting.split(":") if isinstance(setting, str) else []
+    if len(parts) < 2 or parts[0] not in ("ddpm", "ddim"):
+        raise ValueError(f"{_SETTING_HELP}; got {setting!r}")
+    method, spacing = parts[0], parts[1]
+    out: dict = {"method": method}
     try:
-        method, n = setting.split(":")
-        n = int(n)
-    except ValueError:
-        raise ValueError(f"setting must look like 'ddpm:250' or 'ddim:50'; got {setting!r}") from None
-    if method not in ("ddpm", "ddim") or n < 1:
-        raise ValueError(f"setting must look like 'ddpm:250' or 'ddim:50'; got {setting!r}")
-    return method, (f"ddim{n}" if method == "ddim" else str(n))
+        if spacing[:1] == "K":
+            out.update(steps=None, skip=int(spacing[1:]))
+        else:
+            n = int(spacing)
+            out["steps"] = f"ddim{n}" if method == "ddim" else str(n)
+        if int(spacing.lstrip("K")) < 1:
+            raise ValueError
+        for item in parts[2:]:
+            key, value = item.split("=")
+            name, kind = _SETTING_KEYS[key]
+            out[name] = kind(value)
+    except (ValueError, KeyError):
+        raise ValueError(f"{_SETTING_HELP}; got {setting!r}") from None
+    return out
 
 
 def evaluate(model, setting: str = "ddpm:250", num_samples: int = 1000, eta: float = 0.0,
@@ -108,11 +129,13 @@ def evaluate(model, setting: str = "ddpm:250", num_samples: int = 1000, eta: flo
     plus per-class accuracies and the sampling time."""
     if num_samples < 2 * NUM_DIGITS:
         raise ValueError(f"num_samples must be >= {2 * NUM_DIGITS} (two per digit for the diversity); got {num_samples}")
-    method, steps = parse_setting(setting)
+    sampler = parse_setting(setting)
+    if eta and "eta" not in sampler:
+        sampler["eta"] = eta
     classifier = classifier or DigitClassifier(model.image_size)
     labels = torch.arange(num_samples) % NUM_DIGITS
     t0 = time.monotonic()
-    chunks = [sample_digits(model, labels[i:i + batch_size], steps, method, eta, guidance_scale, seed + i)
+    chunks = [sample_digits(model, labels[i:i + batch_size], seed + i, guidance_scale, **sampler)
               for i in range(0, num_samples, batch_size)]
     seconds = time.monotonic() - t0
     x8 = to_8x8(torch.cat(chunks))
@@ -125,7 +148,7 @@ def evaluate(model, setting: str = "ddpm:250", num_samples: int = 1000, eta: flo
         mine = lab == c
         per_class[c] = float(correct[mine].mean())
         ratios.append(mean_pairwise_distance(x8[mine]) / mean_pairwise_distance(classifier.real(c)))
-    return dict(setting=setting, eta=eta, guidance_scale=guidance_scale, num_samples=num_samples,
+    return dict(setting=setting, eta=sampler.get("eta", 0.0), guidance_scale=guidance_scale, num_samples=num_samples,
                 accuracy=float(correct.mean()), confidence=float(proba[np.arange(len(lab)), lab].mean()),
                 diversity=float(np.mean(ratios)), per_class_accuracy=per_class,
                 classifier_accuracy=classifier.classifier_accuracy, sample_seconds=round(seconds, 1),
@@ -149,10 +172,10 @@ def save_grid(images: torch.Tensor, path, per_row: int = NUM_DIGITS) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ddpm_fast.eval_digits", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="digits", help="bundled model name (ddpm_fast.load_pretrained)")
-    p.add_argument("--setting", action="append", help="sampler 'ddpm:N' or 'ddim:N' (repeatable; "
-                   f"default {' and '.join(DEFAULT_SETTINGS)})")
+    p.add_argument("--setting", action="append", help=f"repeatable; {_SETTING_HELP} "
+                   f"(default {' and '.join(DEFAULT_SETTINGS)})")
     p.add_argument("--samples", type=int, default=1000)
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta of settings that give none")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=500)
@@ -173,8 +196,13 @@ def main(argv=None) -> int:
                      classifier)
         images = r.pop("images")
         results.append(r)
-        print(f"{setting:>10}: accuracy {r['accuracy']:.4f}  confidence {r['confidence']:.4f}  "
+        print(f"{setting:>24}: accuracy {r['accuracy']:.4f}  confidence {r['confidence']:.4f}  "
               f"diversity {r['diversity']:.3f}  ({r['num_samples']} samples, {r['sample_seconds']} s)")
+    print("\n| setting | samples | classified as their label | mean confidence | diversity ratio | seconds |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| `{r['setting']}` | {r['num_samples']} | {100 * r['accuracy']:.1f}% | {r['confidence']:.3f} | "
+              f"{r['diversity']:.3f} | {r['sample_seconds']} |")
     if args.grid:
         save_grid(images[:100], args.grid)
     if args.json:

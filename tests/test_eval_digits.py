@@ -53,10 +53,13 @@ def test_classifier_is_accurate_on_held_out_digits(classifier):
 def test_metric_helpers():
     x = np.array([[0.0, 0.0], [3.0, 4.0], [0.0, 4.0]])
     assert E.mean_pairwise_distance(x) == pytest.approx((5 + 4 + 3) / 3)
-    assert E.parse_setting("ddim:50") == ("ddim", "ddim50")
-    assert E.parse_setting("ddpm:250") == ("ddpm", "250")
-    with pytest.raises(ValueError, match="setting"):
-        E.parse_setting("euler:10")
+    assert E.parse_setting("ddim:50") == dict(method="ddim", steps="ddim50")
+    assert E.parse_setting("ddpm:250") == dict(method="ddpm", steps="250")
+    assert E.parse_setting("ddim:K8:eta=1:noise=zero:project=sample") == dict(
+        method="ddim", steps=None, skip=8, eta=1.0, noise="zero", project_noise="sample")
+    for bad in ("euler:10", "ddim", "ddim:0", "ddim:K0", "ddim:Kx", "ddim:50:eta", "ddim:50:temp=1", 50):
+        with pytest.raises(ValueError, match="setting looks like"):
+            E.parse_setting(bad)
     with pytest.raises(ValueError, match="images"):
         E.to_8x8(torch.zeros(2, 3, 16, 16))
     # the round trip 8x8 -> 16x16 (nearest) -> 8x8 is exact
@@ -66,13 +69,16 @@ def test_metric_helpers():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("setting", ["ddpm:50", "ddim:25"])
+@pytest.mark.parametrize("setting", ["ddpm:250", "ddim:50"])
 def test_samples_are_recognised_and_diverse(model, classifier, setting):
+    """The issue's bar (>= 90% classified as their label, diversity >= 0.5, over 1000 samples) on
+    100 samples with looser bounds; the 1000-sample figures are in the README (99.9% / 0.95 and
+    98.9% / 1.00)."""
     r = E.evaluate(model, setting, num_samples=100, seed=1, classifier=classifier)
     assert r["images"].shape == (100, 1, 16, 16)
     assert r["images"].min() >= -1 and r["images"].max() <= 1
-    assert r["accuracy"] >= 0.8, r
-    assert r["diversity"] >= 0.4, r
+    assert r["accuracy"] >= 0.85, r
+    assert r["diversity"] >= 0.45, r
 
 
 @pytest.mark.slow
@@ -82,6 +88,6 @@ def test_guided_and_unconditional_samples(model, classifier):
     r = E.evaluate(model, "ddim:25", num_samples=50, guidance_scale=3.0, seed=2, classifier=classifier)
     assert r["accuracy"] >= 0.8, r
     labels = torch.full((50,), model.null_label)
-    images = E.sample_digits(model, labels, "ddim25", "ddim", seed=3)
+    images = E.sample_digits(model, labels, seed=3, method="ddim", steps="ddim25")
     proba = classifier.predict_proba(E.to_8x8(images))
     assert len(set(proba.argmax(1).tolist())) >= 6
