@@ -396,3 +396,38 @@ def test_gpu_opcheck_cuda_op():
     x, w, b, s, t = make_inputs((2, 32, 5, 6), torch.float16, device="cuda")
     torch.library.opcheck(torch.ops.ddpm_fast.group_norm_scale_shift.default,
                           (x.contiguous(memory_format=torch.channels_last), 8, w, b, s, t, 1e-5, True))
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_cpu_capped_instruction_sets(isa):
+    """The kernel variants this machine would not pick by itself (the AVX-512 SiLU apply is the
+    default where the CPU has it): DDPM_FAST_CPU_ISA=avx2 runs the AVX2 apply, =baseline the
+    composite ATen path; both against the reference, with SiLU, lengths that are not a multiple
+    of the vector width, both layouts and extreme values."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, %r)
+        from test_group_norm_scale_shift import make_inputs, check, layout
+        from ddpm_fast import ops
+        for shape, groups in (((3, 64, 7, 9), 8), ((2, 40, 5, 3), 8), ((2, 320, 8, 8), 32)):
+            for kind in ("nchw", "channels_last"):
+                for silu in (False, True):
+                    x, w, b, s, t = make_inputs(shape, seed=3)
+                    x = layout(x, kind)
+                    y = ops.group_norm_scale_shift(x, groups, w, b, s, t, silu=silu, backend="cpu")
+                    check(y, x, groups, w, b, s, t, silu)
+        x = torch.tensor([[[-1e4, -100.0, -5.0, 0.0, 5.0, 100.0, 1e4, 3.0, 2.0, 1.0, 0.5, -0.5, 7.0, -7.0,
+                            20.0, -20.0, 9.0]]]).reshape(1, 1, 17)
+        y = ops.group_norm_scale_shift(x, 1, silu=True, backend="cpu")
+        check(y, x, 1, None, None, None, None, True)
+        print("ok")
+    """ % os.path.dirname(__file__))
+    env = {**os.environ, "DDPM_FAST_CPU_ISA": isa}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

@@ -23,11 +23,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "diffusion_step_args.h"
 #include "diffusion_step_math.h"
 #include "philox.h"
@@ -389,15 +388,16 @@ void run_baseline(const Call& a, int64_t begin, int64_t end) { Kernels<16, uint3
 
 using RunItems = void (*)(const Call&, int64_t, int64_t);
 
-// The widest instruction set this CPU has; the environment variable DDPM_FAST_CPU_ISA=avx2 or
-// baseline (read once) caps it, so that tests can run every variant on one machine.
+// The widest instruction set allowed (csrc/include/cpu_isa.h: DDPM_FAST_CPU_ISA caps it).
 RunItems pick_isa() {
-  __builtin_cpu_init();
-  const char* cap = std::getenv("DDPM_FAST_CPU_ISA");
-  const std::string limit = cap ? cap : "";
-  if (limit != "baseline" && limit != "avx2" && __builtin_cpu_supports("x86-64-v4")) return run_avx512;
-  if (limit != "baseline" && __builtin_cpu_supports("x86-64-v3")) return run_avx2;
-  return run_baseline;
+  switch (cpu_isa::level()) {
+    case cpu_isa::kAvx512:
+      return run_avx512;
+    case cpu_isa::kAvx2:
+      return run_avx2;
+    default:
+      return run_baseline;
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> diffusion_step_cpu(

@@ -12,7 +12,8 @@
 // rows with the coefficient vectors of sample n. Both passes are parallel (at::parallel_for).
 //
 // SIMD: at::vec::Vectorized<float>. On x86-64 the kernel section is compiled for AVX2+FMA+F16C
-// (the CPU is checked at run time; a CPU without them gets the composite ATen ops). Everything that
+// (the CPU is checked at run time; a CPU without them gets the composite ATen ops); the fp32 SiLU
+// apply has an AVX-512 variant used when the CPU has it (DDPM_FAST_CPU_ISA=avx2 turns it off). Everything that
 // is not vector code is included and compiled before that section, for the baseline target.
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
@@ -32,8 +33,69 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "group_norm_host.h"
 #include "group_norm_math.h"
+
+// ---- AVX-512 SiLU apply (fp32), compiled for AVX-512 and chosen at run time ------------------
+// SiLU is what bounds the apply pass (exp + divide per element). With AVX-512: e^-y = 2^n p(r),
+// n = round(-y log2 e), r = -y - n ln 2, the degree-4 polynomial the AVX2 version below uses too,
+// and vscalefps for 2^n, which needs no clamping (it saturates to 0 / inf, giving SiLU's -0 / y).
+// On this project's Zen 4 CPU it runs the SiLU apply in half the AVX2 time (the 16-lane divide).
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define DDPM_GN_X86_AVX512 1
+namespace ddpm_fast {
+namespace {
+
+// e^r ~ p(r) on [-ln2/2, ln2/2]: degree-4 minimax coefficients, highest degree first (relative
+// error < 3e-6), shared by the AVX-512 and AVX2 SiLU.
+constexpr float kExpPoly[5] = {0.041513849f, 0.167874739f, 0.50003016f, 0.99996686f, 1.0f};
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
+
+__attribute__((target("avx512f"))) inline __m512 silu_affine_avx512(__m512 x, __m512 a, __m512 b) {
+  const __m512 y = _mm512_fmadd_ps(a, x, b);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(-kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmsub_ps(n, _mm512_set1_ps(kLn2), y);  // -y - n ln2
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+  for (int j = 1; j < 5; ++j) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[j]));
+  return _mm512_div_ps(y, _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.0f)));
+}
+
+// y[i] = SiLU(a * x[i] + b), i < len (one NCHW plane).
+__attribute__((target("avx512f"))) void silu_plane_avx512(const float* x, float* y, int64_t len, float a,
+                                                          float b) {
+  const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) _mm512_storeu_ps(y + i, silu_affine_avx512(_mm512_loadu_ps(x + i), va, vb));
+  if (i < len) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (len - i)) - 1u);
+    _mm512_mask_storeu_ps(y + i, m, silu_affine_avx512(_mm512_maskz_loadu_ps(m, x + i), va, vb));
+  }
+}
+
+// y[c] = SiLU(a[c] * x[c] + b[c]), c < channels (one channels-last pixel row).
+__attribute__((target("avx512f"))) void silu_row_avx512(const float* x, float* y, int64_t channels,
+                                                        const float* a, const float* b) {
+  int64_t c = 0;
+  for (; c + 16 <= channels; c += 16)
+    _mm512_storeu_ps(y + c, silu_affine_avx512(_mm512_loadu_ps(x + c), _mm512_loadu_ps(a + c),
+                                               _mm512_loadu_ps(b + c)));
+  if (c < channels) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (channels - c)) - 1u);
+    _mm512_mask_storeu_ps(y + c, m, silu_affine_avx512(_mm512_maskz_loadu_ps(m, x + c),
+                                                       _mm512_maskz_loadu_ps(m, a + c),
+                                                       _mm512_maskz_loadu_ps(m, b + c)));
+  }
+}
+
+bool use_avx512() { return cpu_isa::level() == cpu_isa::kAvx512; }
+
+}  // namespace
+}  // namespace ddpm_fast
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(CPU_CAPABILITY)
 #define DDPM_GN_X86_AVX2 1
@@ -104,14 +166,11 @@ inline Vec silu(const Vec& y) {
   const __m256 yc = _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(87.0f));
   // k = -y log2(e) + (1.5 * 2^23 + 127): its low mantissa bits hold round(-y log2 e) + 127.
   const __m256 magic = _mm256_set1_ps(12582912.0f + 127.0f);
-  const __m256 k = _mm256_fnmadd_ps(yc, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 k = _mm256_fnmadd_ps(yc, _mm256_set1_ps(kLog2e), magic);
   const __m256 n = _mm256_sub_ps(k, magic);
-  const __m256 r = _mm256_fnmsub_ps(n, _mm256_set1_ps(0.693147180559945309f), yc);  // -y - n ln2
-  __m256 p = _mm256_set1_ps(0.041513849f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.167874739f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.50003016f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.99996686f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256 r = _mm256_fnmsub_ps(n, _mm256_set1_ps(kLn2), yc);  // -y - n ln2
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+  for (int j = 1; j < 5; ++j) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[j]));
   const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(k), 23));
   // A division beats reciprocal + Newton here: it runs beside the FMA ports.
   return Vec(_mm256_div_ps(y, _mm256_fmadd_ps(p, two_n, _mm256_set1_ps(1.0f))));
@@ -257,6 +316,11 @@ void channel_moments_nhwc(const T* x, int64_t n_samples, int64_t pixels, int64_t
 // A contiguous run of `len` elements sharing one (a, b).
 template <typename T, bool kSilu>
 void apply_plane(const T* x, T* y, int64_t len, float a, float b) {
+#ifdef DDPM_GN_X86_AVX512
+  if constexpr (kSilu && std::is_same_v<T, float>) {
+    if (use_avx512()) return silu_plane_avx512(x, y, len, a, b);
+  }
+#endif
   const Vec va(a), vb(b);
   const int64_t vec_end = len - len % kStep;
   int64_t i = 0;
@@ -272,6 +336,11 @@ void apply_plane(const T* x, T* y, int64_t len, float a, float b) {
 // One pixel row of `channels` elements with per-channel coefficients a[c], b[c].
 template <typename T, bool kSilu>
 void apply_row(const T* x, T* y, int64_t channels, const float* a, const float* b) {
+#ifdef DDPM_GN_X86_AVX512
+  if constexpr (kSilu && std::is_same_v<T, float>) {
+    if (use_avx512()) return silu_row_avx512(x, y, channels, a, b);
+  }
+#endif
   const int64_t vec_end = channels - channels % kStep;
   int64_t c = 0;
   for (; c < vec_end; c += kStep) {
@@ -430,14 +499,10 @@ void run_dense_dispatch(const Problem& p, const at::Tensor& x, at::Tensor& y) {
 namespace ddpm_fast {
 namespace {
 
+// x86-64-v3 (AVX2, FMA, F16C, ...) unless DDPM_FAST_CPU_ISA=baseline caps it (csrc/include/cpu_isa.h).
 bool simd_supported() {
 #ifdef DDPM_GN_X86_AVX2
-  static const bool supported = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
-  }();
-  return supported;
+  return cpu_isa::level() >= cpu_isa::kAvx2;
 #else
   return true;
 #endif
