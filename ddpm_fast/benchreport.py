@@ -44,15 +44,14 @@ def bench_threads() -> int:
 def device_name() -> str:
     """A file-name-safe device description: the GPU's name, else the CPU's model and the
     benchmarks' thread count (e.g. cpu-amd-epyc-2t)."""
+    name = f"cpu-{_cpu_model()}-{bench_threads()}t"
     try:
         import torch
 
         if torch.cuda.is_available():
             name = torch.cuda.get_device_name()
-        else:
-            name = f"cpu-{_cpu_model()}-{bench_threads()}t"
     except ImportError:
-        name = f"cpu-{_cpu_model()}-{bench_threads()}t"
+        pass
     return re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-").lower()
 
 

@@ -73,6 +73,20 @@ def _col(coef: torch.Tensor, column: int, ndim: int) -> torch.Tensor:
     return coef[:, column].float().reshape(-1, *([1] * (ndim - 1)))
 
 
+def predicted_x0(x: torch.Tensor, pred: torch.Tensor, coef: torch.Tensor, prediction: str) -> torch.Tensor:
+    """x0 from the model's prediction `pred` (eps, x0 or v: its first C channels) at x_t = x, both
+    (B, C, ...) float32, with the coefficient rows coef (B, NUM_COEFS): before any clipping.
+    Differentiable (restoration's reconstruction guidance takes its gradient)."""
+    nd = x.dim()
+    if prediction == "epsilon":
+        return _col(coef, SQRT_RECIP_AB, nd) * x - _col(coef, SQRT_RECIPM1_AB, nd) * pred
+    if prediction == "x0":
+        return pred
+    if prediction == "v":
+        return _col(coef, SQRT_AB, nd) * x - _col(coef, SQRT_1M_AB, nd) * pred
+    raise ValueError(f"prediction must be 'epsilon', 'x0' or 'v'; got {prediction!r}")
+
+
 def _project(x_new: torch.Tensor, x_det: torch.Tensor, x0: torch.Tensor, mode: str) -> torch.Tensor:
     """The seed's noise projection: keep the direction of x_new - x0 but the radius ||x_det - x0||.
 
@@ -131,14 +145,7 @@ def diffusion_step(x: torch.Tensor, model_output: torch.Tensor, coef: torch.Tens
     def col(i):
         return _col(coef, i, nd)
 
-    if prediction == "epsilon":
-        x0_raw = col(SQRT_RECIP_AB) * xf - col(SQRT_RECIPM1_AB) * pred
-    elif prediction == "x0":
-        x0_raw = pred
-    elif prediction == "v":
-        x0_raw = col(SQRT_AB) * xf - col(SQRT_1M_AB) * pred
-    else:
-        raise ValueError(f"prediction must be 'epsilon', 'x0' or 'v'; got {prediction!r}")
+    x0_raw = predicted_x0(xf, pred, coef, prediction)
 
     if dynamic_threshold is not None:
         ratio, max_value = dynamic_threshold

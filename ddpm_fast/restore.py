@@ -15,6 +15,7 @@ import torch
 from . import philox
 from .diffusion import check_class_labels
 from .loop import StepOptions, make_plan, reverse_loop
+from .reference import predicted_x0
 from .sample import _model_fn, sample_seeds, seeded_labels
 from .step_layout import SQRT_1M_AB, SQRT_AB, SQRT_AB_PREV
 
@@ -164,7 +165,7 @@ def restore(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor | No
         def cond_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             coef = plan.coef[current["s"]]
             x = x.detach().requires_grad_(True)
-            x0 = predicted_x0(fn(x, t)[:, :c], x, coef[SQRT_AB], coef[SQRT_1M_AB], diffusion.prediction)
+            x0 = predicted_x0(x, fn(x, t)[:, :c], coef.expand(b, -1), diffusion.prediction)
             loss = (known * (x0 - image)).square().sum()
             (grad,) = torch.autograd.grad(loss, x)
             return -float(reconstruction_guidance) * coef[SQRT_AB] * grad
@@ -194,17 +195,6 @@ def restore(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor | No
                                                              device=device), shape)
                 x = sqrt_alpha * x + (1 - sqrt_alpha ** 2) ** 0.5 * z
     return x if known is None else known * image + (1 - known) * x
-
-
-def predicted_x0(pred: torch.Tensor, x: torch.Tensor, sqrt_ab: torch.Tensor, sqrt_1m_ab: torch.Tensor,
-                 prediction: str) -> torch.Tensor:
-    """x0 from the model's prediction (its first C channels) at x_t with ab = sqrt_ab ** 2
-    (differentiable; the fused step computes the same inside its kernel)."""
-    if prediction == "epsilon":
-        return (x - sqrt_1m_ab * pred) / sqrt_ab
-    if prediction == "v":
-        return sqrt_ab * x - sqrt_1m_ab * pred
-    return pred
 
 
 def _restore_labels(model, class_labels, b, seed, device):
