@@ -43,8 +43,11 @@ def extension() -> tuple[ModuleType | None, str]:
         return None, f"ddpm_fast._C could not be imported: {exc}"
 
 
+@functools.lru_cache(maxsize=None)
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """True when ddpm_fast::<op> has a kernel registered for `dispatch_key` ("CPU" or "CUDA")."""
+    """True when ddpm_fast::<op> has a kernel registered for `dispatch_key` ("CPU" or "CUDA").
+    Cached: the kernels register when ddpm_fast._C loads (once per process); the dispatcher query
+    cost a few microseconds per op call."""
     if extension()[0] is None:
         return False
     try:

@@ -302,6 +302,25 @@ def test_drawn_sample_does_not_depend_on_its_batch(backend):
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("project_noise", PROJECTIONS)
+def test_cpu_drawn_noise_over_many_runs_and_ragged_ends(project_noise):
+    # (3, 37, 53): 5883 elements per sample, so the CPU kernel draws in several runs of 1024 and
+    # chunks of 4096 with ragged ends, and the pixel projection starts channels at offsets that are
+    # not multiples of 4 (the AVX-512 draw stages those through its Philox block grid)
+    shape = (3, 37, 53)
+    seed = torch.tensor([3, -(1 << 40) + 5])
+    drawn = draw_noise(seed, 123, shape, backend="cpu")
+    torch.testing.assert_close(drawn, philox.philox_normal(seed, 123, shape), rtol=0, atol=1e-5)
+    case = make_case(batch=2, channels=3, spatial=shape[1:], variance="fixed_large", seed=8)
+    kwargs = dict(method="ddim", project_noise=project_noise, clip_denoised=False)
+    got = ops.diffusion_step(case["x"], case["model_output"], case["coef"], seed=seed, step=9, backend="cpu",
+                             **kwargs)
+    want = reference.diffusion_step(case["x"], case["model_output"], case["coef"],
+                                    philox.philox_normal(seed, 9, shape), **kwargs)
+    assert_step_equal(got, want, (case["x"], case["model_output"], case["coef"]), project_noise)
+
+
+@needs_cpu_kernel
 def test_cpu_noise_statistics_and_independence():
     seed = torch.arange(4, dtype=torch.int64) + 100
     z = draw_noise(seed, 3, (4, 250, 250), backend="cpu").double()

@@ -3,8 +3,11 @@
 //
 // Layout of the work:
 //   * the arithmetic runs on SIMD values of the register width (Vec below: GCC vector extensions)
-//     through the shared per-element math (csrc/include/diffusion_step_math.h); the noise comes
-//     from the shared generator (csrc/include/philox.h) in loops the compiler vectorises;
+//     through the shared per-element math (csrc/include/diffusion_step_math.h; its affine form
+//     where the options allow, so that the loop has no per-element option branches); the noise
+//     comes from the shared generator (csrc/include/philox.h) in loops the compiler vectorises,
+//     or with AVX-512 from its intrinsics version (csrc/cpu/philox_avx512.h), drawn kNoiseRun
+//     elements at a time into an L1-resident buffer;
 //     the hot functions are compiled for AVX-512, AVX2+FMA and the baseline and chosen at run time
 //     (DDPM_FAST_CPU_ISA=avx2|baseline caps the choice);
 //   * no projection: at::parallel_for over (sample, chunk of kChunk elements);
@@ -23,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -30,6 +34,7 @@
 #include "diffusion_step_args.h"
 #include "diffusion_step_math.h"
 #include "philox.h"
+#include "philox_avx512.h"
 
 namespace ddpm_fast {
 namespace {
@@ -156,8 +161,7 @@ struct Call {
   const Coefs* coefs;  // (B,) rows, with derived values
   const int64_t* seed;  // (B,) when the noise is drawn, else null
   philox::StepWords step;
-  bool has_clip;
-  float clip_lo, clip_hi;
+  float clip_lo, clip_hi;  // the x_t clip, or -inf, inf
   float* out;  // x_prev
   float* x0;   // pred_x0, or null
 };
@@ -181,8 +185,8 @@ constexpr typename VecTypes<B>::I zip_mask(int half, int run) {
 // Standard normals of elements first .. first + count - 1 of a sample (any alignment) into z;
 // tmp holds count + 72 floats. B: the SIMD width in bytes (L = B / 4 Philox blocks per
 // iteration: their 4 outputs are computed lane-wise, then interleaved into element order with
-// 8 shuffles); W: the Philox word type (philox.h).
-template <int B, class W>
+// 8 shuffles). The AVX-512 kernels use csrc/cpu/philox_avx512.h instead.
+template <int B>
 DDPM_CPU_INLINE void fill_normals(philox::Key key, philox::StepWords st, int64_t first, int64_t count, float* z,
                                   float* tmp) {
   constexpr int L = B / 4;
@@ -194,13 +198,12 @@ DDPM_CPU_INLINE void fill_normals(philox::Key key, philox::StepWords st, int64_t
   for (int64_t j0 = 0; j0 < blocks; j0 += L) {
     uint32_t r0[L], r1[L], r2[L], r3[L];
     for (int l = 0; l < L; ++l) {
-      W c[4] = {static_cast<W>(static_cast<uint32_t>(block0 + j0 + l)), static_cast<W>(st.lo),
-                static_cast<W>(st.hi), static_cast<W>(philox::kNoiseStream)};
+      uint32_t c[4] = {static_cast<uint32_t>(block0 + j0 + l), st.lo, st.hi, philox::kNoiseStream};
       philox::philox4x32_10(c, key);
-      r0[l] = static_cast<uint32_t>(c[0]);
-      r1[l] = static_cast<uint32_t>(c[1]);
-      r2[l] = static_cast<uint32_t>(c[2]);
-      r3[l] = static_cast<uint32_t>(c[3]);
+      r0[l] = c[0];
+      r1[l] = c[1];
+      r2[l] = c[2];
+      r3[l] = c[3];
     }
     float z0[L], z1[L], z2[L], z3[L];  // lane k of the blocks j0 .. j0 + L - 1
     for (int l = 0; l < L; ++l) {
@@ -221,71 +224,119 @@ DDPM_CPU_INLINE void fill_normals(philox::Key key, philox::StepWords st, int64_t
   if (dst != z) std::memcpy(z, tmp + offset, count * sizeof(float));
 }
 
-// Scratch of one thread: the noise of a run, its Philox staging, and per-mode buffers.
-struct Scratch {
-  std::vector<float> z, tmp, buf;
-  explicit Scratch(int64_t run, int64_t extra = 0) : z(run), tmp(run + 72), buf(extra) {}
+// n floats aligned to a cache line (64 bytes), so that full-width SIMD loads and stores of the
+// scratch never straddle two lines (malloc promises 16-byte alignment).
+class AlignedFloats {
+ public:
+  explicit AlignedFloats(int64_t n)
+      : data_(static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>((std::max<int64_t>(n, 1) + 15) / 16 * 64)))) {
+    DDPM_CHECK(data_ != nullptr, "out of memory for ", n, " floats of scratch");
+  }
+  ~AlignedFloats() { std::free(data_); }
+  AlignedFloats(const AlignedFloats&) = delete;
+  AlignedFloats& operator=(const AlignedFloats&) = delete;
+  float* data() const { return data_; }
+
+ private:
+  float* data_;
 };
 
-// One instruction set's kernels: B is the SIMD width in bytes, W the Philox word type.
-template <int B, class W>
+// Elements per noise draw: run_elements draws the noise of kNoiseRun elements into an L1-resident
+// buffer (4 KB at 1024), then steps them.
+constexpr int64_t kNoiseRun = 1024;
+
+// Scratch of one thread: the noise of a run, its Philox staging, and per-mode buffers.
+struct Scratch {
+  AlignedFloats z, tmp, buf;
+  explicit Scratch(int64_t extra = 0) : z(kNoiseRun), tmp(kNoiseRun + 72), buf(extra) {}
+};
+
+// One instruction set's kernels: B is the SIMD width in bytes.
+template <int B>
 struct Kernels {
   using V = Vec<B>;
   static constexpr int kLanes = V::kLanes;
 
-  static DDPM_CPU_INLINE V clip(const Call& a, V v) { return a.has_clip ? step_clamp(v, a.clip_lo, a.clip_hi) : v; }
+  // The x_t clip (clip_lo, clip_hi are -inf, inf without one: no branch in the loops).
+  static DDPM_CPU_INLINE V clip(const Call& a, V v) { return step_clamp(v, a.clip_lo, a.clip_hi); }
 
   // The step before projection for elements first .. first + count - 1 of sample b: x_new -> x_new
-  // (clipped when `clip_now`), pred_x0 -> x0 (if not null), x_det -> x_det (if not null). Adds the
-  // sums of |x_det - x0|^2 and |x_new - x0|^2 over the run to sums[0..1] when `sums` is not null.
-  static DDPM_CPU_INLINE void run_elements(const Call& a, int64_t b, int64_t first, int64_t count, float* x_new,
-                                           float* x0, float* x_det, double* sums, bool clip_now, Scratch& s) {
+  // (clipped unless kProjected), pred_x0 -> x0 (if not null), and with kProjected x_det -> x_det and
+  // the sums of |x_det - x0|^2 and |x_new - x0|^2 over the run added to sums[0..1] (if not null).
+  // kAffine: the options have step::affine_form (the loop then has no per-element option branches).
+  template <bool kAffine, bool kProjected>
+  static DDPM_CPU_INLINE void run_elements_as(const Call& a, int64_t b, int64_t first, int64_t count, float* x_new,
+                                              float* x0, float* x_det, double* sums, Scratch& s) {
     const Options o = a.o;
     const Coefs k = a.coefs[b];  // local copies: stores through float pointers cannot alias them
+    const step::Affine f = kAffine ? step::affine_form(k, o) : step::Affine{};
     const float* xb = a.x + b * a.g.numel + first;
     const float* pred = a.model_output + b * a.g.mo_stride + first;
     const bool read_var = o.method == step::kDdpm && step::learned_variance(o.variance);
     const float* var = read_var ? pred + a.g.numel : nullptr;
     const float* grad = a.grad ? a.grad + b * a.g.numel + first : nullptr;
-    const float* z = a.noise ? a.noise + b * a.g.numel + first : nullptr;
-    if (a.seed) {
-      fill_normals<B, W>(philox::key_of_seed(a.seed[b]), a.step, first, count, s.z.data(), s.tmp.data());
-      z = s.z.data();
-    }
+    const philox::Key key = a.seed ? philox::key_of_seed(a.seed[b]) : philox::Key{0, 0};
+    const float* noise = a.noise ? a.noise + b * a.g.numel + first : nullptr;
     V radius2(0.0f), length2(0.0f);
-    for (int64_t i = 0; i < count; i += kLanes) {
-      const int n = static_cast<int>(std::min<int64_t>(kLanes, count - i));
-      const V xv = V::load(xb + i, n);
-      const V pv = V::load(pred + i, n);
-      const V vv = var ? V::load(var + i, n) : V(0.0f);
-      const V gv = grad ? V::load(grad + i, n) : V(0.0f);
-      const step::Values<V> r = step::step_element<V>(k, o, xv, pv, vv, gv);
-      const V xn = z ? r.x_det + r.scale * V::load(z + i, n) : r.x_det;
-      (clip_now ? clip(a, xn) : xn).store(x_new + i, n);
-      if (x0) r.x0.store(x0 + i, n);
-      if (x_det) r.x_det.store(x_det + i, n);
-      if (sums) {
-        const V d = (r.x_det - r.x0).first(n), e = (xn - r.x0).first(n);
-        radius2 = radius2 + d * d;
-        length2 = length2 + e * e;
+    for (int64_t r0 = 0; r0 < count; r0 += kNoiseRun) {
+      const int64_t r1 = std::min(count, r0 + kNoiseRun);
+      const float* z = noise ? noise + r0 : nullptr;  // the noise of elements r0 .. r1 - 1
+      if (a.seed) {
+        if constexpr (B == 64) {
+          philox_avx512::fill_normals_avx512(key, a.step, first + r0, r1 - r0, s.z.data(), s.tmp.data());
+        } else {
+          fill_normals<B>(key, a.step, first + r0, r1 - r0, s.z.data(), s.tmp.data());
+        }
+        z = s.z.data();
+      }
+      for (int64_t i = r0; i < r1; i += kLanes) {
+        const int n = static_cast<int>(std::min<int64_t>(kLanes, r1 - i));
+        const V xv = V::load(xb + i, n);
+        const V pv = V::load(pred + i, n);
+        step::Values<V> r;
+        if constexpr (kAffine) {
+          r = step::affine_step_element<V>(f, xv, pv);
+        } else {
+          const V vv = var ? V::load(var + i, n) : V(0.0f);
+          const V gv = grad ? V::load(grad + i, n) : V(0.0f);
+          r = step::step_element<V>(k, o, xv, pv, vv, gv);
+        }
+        const V xn = z ? r.x_det + r.scale * V::load(z + (i - r0), n) : r.x_det;
+        (kProjected ? xn : clip(a, xn)).store(x_new + i, n);
+        if (x0) r.x0.store(x0 + i, n);
+        if constexpr (kProjected) r.x_det.store(x_det + i, n);
+        if (kProjected && sums) {
+          const V d = (r.x_det - r.x0).first(n), e = (xn - r.x0).first(n);
+          radius2 = radius2 + d * d;
+          length2 = length2 + e * e;
+        }
       }
     }
-    if (sums) {
+    if (kProjected && sums) {
       sums[0] += radius2.sum();
       sums[1] += length2.sum();
+    }
+  }
+
+  template <bool kProjected>
+  static DDPM_CPU_INLINE void run_elements(const Call& a, int64_t b, int64_t first, int64_t count, float* x_new,
+                                           float* x0, float* x_det, double* sums, Scratch& s) {
+    if (step::has_affine_form(a.o)) {
+      run_elements_as<true, kProjected>(a, b, first, count, x_new, x0, x_det, sums, s);
+    } else {
+      run_elements_as<false, kProjected>(a, b, first, count, x_new, x0, x_det, sums, s);
     }
   }
 
   // No projection: work items [begin, end) of (sample, chunk).
   static DDPM_CPU_INLINE void items_plain(const Call& a, int64_t begin, int64_t end) {
     const int64_t chunks = (a.g.numel + kChunk - 1) / kChunk;
-    Scratch s(kChunk);
+    Scratch s;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / chunks, first = (item % chunks) * kChunk;
       const int64_t count = std::min(kChunk, a.g.numel - first);
       const int64_t offset = b * a.g.numel + first;
-      run_elements(a, b, first, count, a.out + offset, a.x0 ? a.x0 + offset : nullptr, nullptr, nullptr,
-                   a.has_clip, s);
+      run_elements<false>(a, b, first, count, a.out + offset, a.x0 ? a.x0 + offset : nullptr, nullptr, nullptr, s);
     }
   }
 
@@ -294,7 +345,7 @@ struct Kernels {
   static DDPM_CPU_INLINE void items_pixel(const Call& a, int64_t begin, int64_t end) {
     const int64_t c_count = a.g.channels, hw = a.g.pixels;
     const int64_t blocks = (hw + kPixels - 1) / kPixels;
-    Scratch s(kPixels, 3 * c_count * kPixels + 3 * kPixels);
+    Scratch s(3 * c_count * kPixels + 3 * kPixels);
     float* x_new = s.buf.data();
     float* x0 = x_new + c_count * kPixels;
     float* x_det = x0 + c_count * kPixels;
@@ -305,8 +356,8 @@ struct Kernels {
       const int64_t b = item / blocks, p0 = (item % blocks) * kPixels;
       const int64_t count = std::min(kPixels, hw - p0);
       for (int64_t c = 0; c < c_count; ++c) {
-        run_elements(a, b, c * hw + p0, count, x_new + c * kPixels, x0 + c * kPixels, x_det + c * kPixels,
-                     nullptr, false, s);
+        run_elements<true>(a, b, c * hw + p0, count, x_new + c * kPixels, x0 + c * kPixels, x_det + c * kPixels,
+                           nullptr, s);
       }
       for (int64_t i = 0; i < count; i += kLanes) {
         const int n = static_cast<int>(std::min<int64_t>(kLanes, count - i));
@@ -343,7 +394,7 @@ struct Kernels {
   // the two squared norms; pass 2 rescales out in place while the sample is still in cache.
   static DDPM_CPU_INLINE void items_sample(const Call& a, int64_t begin, int64_t end) {
     const int64_t numel = a.g.numel;
-    Scratch s(kChunk, kChunk + (a.x0 ? 0 : numel));
+    Scratch s(kChunk + (a.x0 ? 0 : numel));
     float* x_det = s.buf.data();
     for (int64_t b = begin; b < end; ++b) {
       float* out = a.out + b * numel;
@@ -351,7 +402,7 @@ struct Kernels {
       double sums[2] = {0.0, 0.0};
       for (int64_t first = 0; first < numel; first += kChunk) {
         const int64_t count = std::min(kChunk, numel - first);
-        run_elements(a, b, first, count, out + first, x0 + first, x_det, sums, false, s);
+        run_elements<true>(a, b, first, count, out + first, x0 + first, x_det, sums, s);
       }
       const float f = step::projection_factor(static_cast<float>(sums[0]), static_cast<float>(sums[1]));
       for (int64_t i = 0; i < numel; i += kLanes) {
@@ -379,12 +430,12 @@ struct Kernels {
 // The same kernels compiled for three instruction sets, picked at run time.
 __attribute__((target("arch=x86-64-v4,prefer-vector-width=512"))) void run_avx512(const Call& a, int64_t begin,
                                                                                     int64_t end) {
-  Kernels<64, uint64_t>::run(a, begin, end);
+  Kernels<64>::run(a, begin, end);
 }
 __attribute__((target("arch=x86-64-v3"))) void run_avx2(const Call& a, int64_t begin, int64_t end) {
-  Kernels<32, uint32_t>::run(a, begin, end);
+  Kernels<32>::run(a, begin, end);
 }
-void run_baseline(const Call& a, int64_t begin, int64_t end) { Kernels<16, uint32_t>::run(a, begin, end); }
+void run_baseline(const Call& a, int64_t begin, int64_t end) { Kernels<16>::run(a, begin, end); }
 
 using RunItems = void (*)(const Call&, int64_t, int64_t);
 
@@ -411,7 +462,10 @@ std::tuple<at::Tensor, at::Tensor> diffusion_step_cpu(
                               clip_denoised, noise_mode, project_noise, clip_lo, clip_hi, eps_from_x0, a.o);
   DDPM_CHECK(x.device().is_cpu(), "the CPU kernel got x on ", x.device());
 
-  const auto as_float = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  // (already float32 and contiguous: the tensor itself, without a dispatcher round trip per call)
+  const auto as_float = [](const at::Tensor& t) {
+    return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+  };
   const at::Tensor xf = as_float(x), mof = as_float(model_output), coeff = as_float(coef);
   at::Tensor noisef, gradf;
   if (noise.has_value()) noisef = as_float(*noise);
@@ -430,10 +484,9 @@ std::tuple<at::Tensor, at::Tensor> diffusion_step_cpu(
   a.coefs = coefs.data();
   const at::Tensor seedc = seed.has_value() ? seed->contiguous() : at::Tensor();
   a.seed = seed.has_value() ? seedc.data_ptr<int64_t>() : nullptr;
-  a.step = philox::step_words(step.has_value() ? step->item<int64_t>() : 0);
-  a.has_clip = clip_lo.has_value();
-  a.clip_lo = a.has_clip ? static_cast<float>(*clip_lo) : 0.0f;
-  a.clip_hi = a.has_clip ? static_cast<float>(*clip_hi) : 0.0f;
+  a.step = philox::step_words(step.has_value() ? *step->const_data_ptr<int64_t>() : 0);  // a 0-dim CPU int64
+  a.clip_lo = clip_lo.has_value() ? static_cast<float>(*clip_lo) : -INFINITY;
+  a.clip_hi = clip_hi.has_value() ? static_cast<float>(*clip_hi) : INFINITY;
   a.out = out.data_ptr<float>();
   a.x0 = return_x0 ? x0.data_ptr<float>() : nullptr;
 

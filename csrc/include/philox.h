@@ -7,7 +7,8 @@
 // Change the three implementations together.
 //
 // Everything here is branch-free scalar code (DDPM_HD): the CUDA kernels call it per thread and the
-// CPU kernel calls it lane by lane in loops that the compiler vectorises, which is why log and
+// CPU kernel calls it lane by lane in loops that the compiler vectorises (its AVX-512 variant has its
+// own intrinsics version of the same construction: csrc/cpu/philox_avx512.h), which is why log and
 // sin/cos are small polynomials here rather than libm calls (accurate to ~1e-7 absolute on the
 // ranges used; other backends' libm results differ by rounding only).
 #pragma once
@@ -57,28 +58,18 @@ DDPM_HD_INLINE void mulhilo(uint32_t m, uint32_t c, uint32_t& hi, uint32_t& lo) 
   lo = m * c;
 }
 
-// The same for a word held in the low half of a uint64_t whose high half is don't-care (the
-// results too): in the CPU kernel's AVX-512 loops a 64-bit lane multiply is one instruction.
-DDPM_HD_INLINE void mulhilo(uint32_t m, uint64_t c, uint64_t& hi, uint64_t& lo) {
-  const uint64_t p = (c & 0xFFFFFFFFull) * m;
-  hi = p >> 32;
-  lo = p;
-}
-
-// Random123's Philox4x32 with 10 rounds, on the counter c in place. W is uint32_t, or uint64_t
-// carrying each word in its low 32 bits (read the results as static_cast<uint32_t>).
-template <class W>
-DDPM_HD_INLINE void philox4x32_10(W c[4], Key key) {
+// Random123's Philox4x32 with 10 rounds, on the counter c in place.
+DDPM_HD_INLINE void philox4x32_10(uint32_t c[4], Key key) {
   uint32_t k0 = key.k0, k1 = key.k1;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
   for (int r = 0; r < 10; ++r) {
-    W hi0, lo0, hi1, lo1;
+    uint32_t hi0, lo0, hi1, lo1;
     mulhilo(kM0, c[0], hi0, lo0);
     mulhilo(kM1, c[2], hi1, lo1);
-    const W n0 = hi1 ^ c[1] ^ static_cast<W>(k0);
-    const W n2 = hi0 ^ c[3] ^ static_cast<W>(k1);
+    const uint32_t n0 = hi1 ^ c[1] ^ k0;
+    const uint32_t n2 = hi0 ^ c[3] ^ k1;
     c[0] = n0;
     c[1] = lo1;
     c[2] = n2;
