@@ -321,6 +321,24 @@ def test_cpu_drawn_noise_over_many_runs_and_ragged_ends(project_noise):
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_cpu_infinite_model_output_clipped_like_the_reference(method):
+    # with clip_denoised, an infinite eps gives x0 = -1 / +1 and (DDPM's mean; DDIM's eps re-derived
+    # from x0) a finite step: the kernel's affine form must not turn it into 0 * inf = NaN
+    case = make_case(batch=2, variance="fixed_small", seed=5)
+    model_output = case["model_output"][:, :3].clone()
+    model_output[0, 1, 2] = float("inf")
+    model_output[1, 0, :, 3] = float("-inf")
+    args = (case["x"], model_output, case["coef"], case["noise"])
+    kwargs = dict(method=method, clip_denoised=True, eps_from_x0=True)
+    got = ops.diffusion_step(*args, backend="cpu", **kwargs)
+    want = reference.diffusion_step(*args, **kwargs)
+    for g, w in zip(got, want):
+        assert torch.isfinite(w).all() and torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu_kernel
 def test_cpu_noise_statistics_and_independence():
     seed = torch.arange(4, dtype=torch.int64) + 100
     z = draw_noise(seed, 3, (4, 250, 250), backend="cpu").double()

@@ -251,6 +251,10 @@ struct Scratch {
   explicit Scratch(int64_t extra = 0) : z(kNoiseRun), tmp(kNoiseRun + 72), buf(extra) {}
 };
 
+// The forms of the per-element step in the CPU loops: step_element, or the affine form with an x term
+// (kAffineX), a pred term (kAffinePred) or both in x_det.
+constexpr int kGeneral = 0, kAffineX = 1, kAffinePred = 2;
+
 // One instruction set's kernels: B is the SIMD width in bytes.
 template <int B>
 struct Kernels {
@@ -263,13 +267,14 @@ struct Kernels {
   // The step before projection for elements first .. first + count - 1 of sample b: x_new -> x_new
   // (clipped unless kProjected), pred_x0 -> x0 (if not null), and with kProjected x_det -> x_det and
   // the sums of |x_det - x0|^2 and |x_new - x0|^2 over the run added to sums[0..1] (if not null).
-  // kAffine: the options have step::affine_form (the loop then has no per-element option branches).
-  template <bool kAffine, bool kProjected>
+  // kForm: kGeneral (step::step_element), or the options have step::affine_form and kForm says
+  // which of its x_det terms exist (the loop then has no per-element option branches).
+  template <int kForm, bool kProjected>
   static DDPM_CPU_INLINE void run_elements_as(const Call& a, int64_t b, int64_t first, int64_t count, float* x_new,
                                               float* x0, float* x_det, double* sums, Scratch& s) {
     const Options o = a.o;
     const Coefs k = a.coefs[b];  // local copies: stores through float pointers cannot alias them
-    const step::Affine f = kAffine ? step::affine_form(k, o) : step::Affine{};
+    const step::Affine f = kForm != kGeneral ? step::affine_form(k, o) : step::Affine{};
     const float* xb = a.x + b * a.g.numel + first;
     const float* pred = a.model_output + b * a.g.mo_stride + first;
     const bool read_var = o.method == step::kDdpm && step::learned_variance(o.variance);
@@ -294,8 +299,8 @@ struct Kernels {
         const V xv = V::load(xb + i, n);
         const V pv = V::load(pred + i, n);
         step::Values<V> r;
-        if constexpr (kAffine) {
-          r = step::affine_step_element<V>(f, xv, pv);
+        if constexpr (kForm != kGeneral) {
+          r = step::affine_step_element<V, (kForm & kAffineX) != 0, (kForm & kAffinePred) != 0>(f, xv, pv);
         } else {
           const V vv = var ? V::load(var + i, n) : V(0.0f);
           const V gv = grad ? V::load(grad + i, n) : V(0.0f);
@@ -321,10 +326,20 @@ struct Kernels {
   template <bool kProjected>
   static DDPM_CPU_INLINE void run_elements(const Call& a, int64_t b, int64_t first, int64_t count, float* x_new,
                                            float* x0, float* x_det, double* sums, Scratch& s) {
-    if (step::has_affine_form(a.o)) {
-      run_elements_as<true, kProjected>(a, b, first, count, x_new, x0, x_det, sums, s);
-    } else {
-      run_elements_as<false, kProjected>(a, b, first, count, x_new, x0, x_det, sums, s);
+    if (!step::has_affine_form(a.o)) {
+      run_elements_as<kGeneral, kProjected>(a, b, first, count, x_new, x0, x_det, sums, s);
+      return;
+    }
+    const step::Affine f = step::affine_form(a.coefs[b], a.o);  // its term flags depend on the options only
+    switch ((f.uses_x ? kAffineX : 0) | (f.uses_pred ? kAffinePred : 0)) {
+      case kAffineX:
+        run_elements_as<kAffineX, kProjected>(a, b, first, count, x_new, x0, x_det, sums, s);
+        break;
+      case kAffinePred:
+        run_elements_as<kAffinePred, kProjected>(a, b, first, count, x_new, x0, x_det, sums, s);
+        break;
+      default:
+        run_elements_as<kAffineX | kAffinePred, kProjected>(a, b, first, count, x_new, x0, x_det, sums, s);
     }
   }
 

@@ -152,10 +152,14 @@ DDPM_HD_INLINE Values<T> step_element(const Coefs& k, const Options& o, T x, T p
 // its loop then has no per-element option branches (about 15 us of 180 at (16, 3, 64, 64), one
 // thread).
 // Results equal step_element's up to float rounding (the products of coefficients are formed once).
+// A term that step_element does not have for the options (DDPM's x_det has no pred term, DDIM with
+// the model's eps no x term) is left out rather than multiplied by 0, so that an infinite input
+// that clip_denoised makes finite stays finite as it does there (uses_x / uses_pred say which).
 struct Affine {
   float x0_x, x0_pred, x0_lo, x0_hi;
   float det_x0, det_x, det_pred;
   float scale;
+  bool uses_x, uses_pred;  // x_det has an x term, a pred term
 };
 
 DDPM_HD_INLINE bool has_affine_form(const Options& o) {
@@ -182,6 +186,7 @@ DDPM_HD_INLINE Affine affine_form(const Coefs& k, const Options& o) {
     f.det_x0 = k[kPostCoef1];
     f.det_x = k[kPostCoef2];
     f.det_pred = 0.0f;
+    f.uses_x = true;
     std = k.fixed_std;
   } else {  // x_det = sqrt(ab_prev) x0 + dir eps
     const float dir = k[kDdimDir], r = k.recip_sqrt_recipm1_ab;
@@ -191,14 +196,18 @@ DDPM_HD_INLINE Affine affine_form(const Coefs& k, const Options& o) {
     if (o.eps_from_x0) {  // eps = (sra x - x0) r
       f.det_x0 -= dir * r;
       f.det_x = dir * k[kSqrtRecipAb] * r;
+      f.uses_x = true;
     } else if (o.prediction == kPredV) {  // eps = sqrt(ab) pred + sqrt(1 - ab) x
       f.det_x = dir * k[kSqrt1mAb];
       f.det_pred = dir * k[kSqrtAb];
+      f.uses_x = f.uses_pred = true;
     } else if (o.prediction == kPredX0) {  // eps = (sra x - pred) r, from the unclipped x0 = pred
       f.det_x = dir * k[kSqrtRecipAb] * r;
       f.det_pred = -dir * r;
+      f.uses_x = f.uses_pred = true;
     } else {  // eps = pred
       f.det_pred = dir;
+      f.uses_pred = true;
     }
     std = k[kDdimSigma];
   }
@@ -210,10 +219,15 @@ DDPM_HD_INLINE Affine affine_form(const Coefs& k, const Options& o) {
   return f;
 }
 
-template <class T>
+// kUsesX, kUsesPred: f.uses_x, f.uses_pred (compile-time in the CPU kernel's loops).
+template <class T, bool kUsesX, bool kUsesPred>
 DDPM_HD_INLINE Values<T> affine_step_element(const Affine& f, T x, T pred) {
-  const T x0 = step_clamp(f.x0_x * x + f.x0_pred * pred, f.x0_lo, f.x0_hi);
-  return Values<T>{f.det_x0 * x0 + f.det_x * x + f.det_pred * pred, x0, T(f.scale)};
+  const T x0_raw = f.x0_pred * pred;
+  const T x0 = step_clamp(f.x0_x == 0.0f ? x0_raw : f.x0_x * x + x0_raw, f.x0_lo, f.x0_hi);
+  T x_det = f.det_x0 * x0;
+  if constexpr (kUsesX) x_det = x_det + f.det_x * x;
+  if constexpr (kUsesPred) x_det = x_det + f.det_pred * pred;
+  return Values<T>{x_det, x0, T(f.scale)};
 }
 
 // The projection's factor: x_out = x0 + factor * (x_new - x0) puts x_out on the sphere of radius
