@@ -34,6 +34,7 @@
 #include "diffusion_step_args.h"
 #include "diffusion_step_math.h"
 #include "philox.h"
+#include "philox_avx2.h"
 #include "philox_avx512.h"
 
 namespace ddpm_fast {
@@ -185,7 +186,8 @@ constexpr typename VecTypes<B>::I zip_mask(int half, int run) {
 // Standard normals of elements first .. first + count - 1 of a sample (any alignment) into z;
 // tmp holds count + 72 floats. B: the SIMD width in bytes (L = B / 4 Philox blocks per
 // iteration: their 4 outputs are computed lane-wise, then interleaved into element order with
-// 8 shuffles). The AVX-512 kernels use csrc/cpu/philox_avx512.h instead.
+// 8 shuffles). The AVX2 kernels take the Philox words from csrc/cpu/philox_avx2.h; the AVX-512
+// kernels use csrc/cpu/philox_avx512.h instead of this function.
 template <int B>
 DDPM_CPU_INLINE void fill_normals(philox::Key key, philox::StepWords st, int64_t first, int64_t count, float* z,
                                   float* tmp) {
@@ -196,19 +198,20 @@ DDPM_CPU_INLINE void fill_normals(philox::Key key, philox::StepWords st, int64_t
   const int64_t blocks = (offset + count + 3) >> 2;
   float* dst = (offset == 0 && count % (4 * L) == 0) ? z : tmp;
   for (int64_t j0 = 0; j0 < blocks; j0 += L) {
-    uint32_t r0[L], r1[L], r2[L], r3[L];
-    for (int l = 0; l < L; ++l) {
-      uint32_t c[4] = {static_cast<uint32_t>(block0 + j0 + l), st.lo, st.hi, philox::kNoiseStream};
-      philox::philox4x32_10(c, key);
-      r0[l] = c[0];
-      r1[l] = c[1];
-      r2[l] = c[2];
-      r3[l] = c[3];
+    uint32_t r[4][L];  // word k of the blocks j0 .. j0 + L - 1
+    if constexpr (B == 32) {
+      philox_avx2::philox_words8(static_cast<uint32_t>(block0 + j0), key, st, r);
+    } else {
+      for (int l = 0; l < L; ++l) {
+        uint32_t c[4] = {static_cast<uint32_t>(block0 + j0 + l), st.lo, st.hi, philox::kNoiseStream};
+        philox::philox4x32_10(c, key);
+        for (int k = 0; k < 4; ++k) r[k][l] = c[k];
+      }
     }
     float z0[L], z1[L], z2[L], z3[L];  // lane k of the blocks j0 .. j0 + L - 1
     for (int l = 0; l < L; ++l) {
-      philox::box_muller(r0[l], r1[l], z0[l], z1[l]);
-      philox::box_muller(r2[l], r3[l], z2[l], z3[l]);
+      philox::box_muller(r[0][l], r[1][l], z0[l], z1[l]);
+      philox::box_muller(r[2][l], r[3][l], z2[l], z3[l]);
     }
     F a, b, c, d;
     std::memcpy(&a, z0, B);
