@@ -222,7 +222,7 @@ DDPM_HD_INLINE Affine affine_form(const Coefs& k, const Options& o) {
 // kUsesX, kUsesPred: f.uses_x, f.uses_pred (compile-time in the CPU kernel's loops).
 template <class T, bool kUsesX, bool kUsesPred>
 DDPM_HD_INLINE Values<T> affine_step_element(const Affine& f, T x, T pred) {
-  const T x0_raw = f.x0_pred * pred;
+  const T x0_raw = f.x0_pred * pred;  // (predicting x0, x0 = pred has no x term: x0_x is 0)
   const T x0 = step_clamp(f.x0_x == 0.0f ? x0_raw : f.x0_x * x + x0_raw, f.x0_lo, f.x0_hi);
   T x_det = f.det_x0 * x0;
   if constexpr (kUsesX) x_det = x_det + f.det_x * x;

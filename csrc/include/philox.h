@@ -7,10 +7,10 @@
 // Change the three implementations together.
 //
 // Everything here is branch-free scalar code (DDPM_HD): the CUDA kernels call it per thread and the
-// CPU kernel calls it lane by lane in loops that the compiler vectorises (its AVX-512 variant has its
-// own intrinsics version of the same construction: csrc/cpu/philox_avx512.h), which is why log and
-// sin/cos are small polynomials here rather than libm calls (accurate to ~1e-7 absolute on the
-// ranges used; other backends' libm results differ by rounding only).
+// CPU kernel calls it lane by lane in loops that the compiler vectorises (with intrinsics versions of
+// the same construction where they pay: csrc/cpu/philox_avx512.h, csrc/cpu/philox_avx2.h), which is
+// why log and sin/cos are small polynomials here rather than libm calls (accurate to ~1e-7 absolute
+// on the ranges used; other backends' libm results differ by rounding only).
 #pragma once
 
 #include <cmath>
