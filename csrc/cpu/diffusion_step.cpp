@@ -6,8 +6,8 @@
 //     through the shared per-element math (csrc/include/diffusion_step_math.h; its affine form
 //     where the options allow, so that the loop has no per-element option branches); the noise
 //     comes from the shared generator (csrc/include/philox.h) in loops the compiler vectorises,
-//     or with AVX-512 from its intrinsics version (csrc/cpu/philox_avx512.h), drawn kNoiseRun
-//     elements at a time into an L1-resident buffer;
+//     or with AVX2 / AVX-512 from its intrinsics versions (csrc/cpu/philox_avx2.h,
+//     philox_avx512.h), drawn kNoiseRun elements at a time into an L1-resident buffer;
 //     the hot functions are compiled for AVX-512, AVX2+FMA and the baseline and chosen at run time
 //     (DDPM_FAST_CPU_ISA=avx2|baseline caps the choice);
 //   * no projection: at::parallel_for over (sample, chunk of kChunk elements);
@@ -186,8 +186,7 @@ constexpr typename VecTypes<B>::I zip_mask(int half, int run) {
 // Standard normals of elements first .. first + count - 1 of a sample (any alignment) into z;
 // tmp holds count + 72 floats. B: the SIMD width in bytes (L = B / 4 Philox blocks per
 // iteration: their 4 outputs are computed lane-wise, then interleaved into element order with
-// 8 shuffles). The AVX2 kernels take the Philox words from csrc/cpu/philox_avx2.h; the AVX-512
-// kernels use csrc/cpu/philox_avx512.h instead of this function.
+// 8 shuffles). The AVX2 and AVX-512 kernels use csrc/cpu/philox_avx2.h and philox_avx512.h instead.
 template <int B>
 DDPM_CPU_INLINE void fill_normals(philox::Key key, philox::StepWords st, int64_t first, int64_t count, float* z,
                                   float* tmp) {
@@ -199,14 +198,10 @@ DDPM_CPU_INLINE void fill_normals(philox::Key key, philox::StepWords st, int64_t
   float* dst = (offset == 0 && count % (4 * L) == 0) ? z : tmp;
   for (int64_t j0 = 0; j0 < blocks; j0 += L) {
     uint32_t r[4][L];  // word k of the blocks j0 .. j0 + L - 1
-    if constexpr (B == 32) {
-      philox_avx2::philox_words8(static_cast<uint32_t>(block0 + j0), key, st, r);
-    } else {
-      for (int l = 0; l < L; ++l) {
-        uint32_t c[4] = {static_cast<uint32_t>(block0 + j0 + l), st.lo, st.hi, philox::kNoiseStream};
-        philox::philox4x32_10(c, key);
-        for (int k = 0; k < 4; ++k) r[k][l] = c[k];
-      }
+    for (int l = 0; l < L; ++l) {
+      uint32_t c[4] = {static_cast<uint32_t>(block0 + j0 + l), st.lo, st.hi, philox::kNoiseStream};
+      philox::philox4x32_10(c, key);
+      for (int k = 0; k < 4; ++k) r[k][l] = c[k];
     }
     float z0[L], z1[L], z2[L], z3[L];  // lane k of the blocks j0 .. j0 + L - 1
     for (int l = 0; l < L; ++l) {
@@ -292,6 +287,8 @@ struct Kernels {
       if (a.seed) {
         if constexpr (B == 64) {
           philox_avx512::fill_normals_avx512(key, a.step, first + r0, r1 - r0, s.z.data(), s.tmp.data());
+        } else if constexpr (B == 32) {
+          philox_avx2::fill_normals_avx2(key, a.step, first + r0, r1 - r0, s.z.data(), s.tmp.data());
         } else {
           fill_normals<B>(key, a.step, first + r0, r1 - r0, s.z.data(), s.tmp.data());
         }

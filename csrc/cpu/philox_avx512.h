@@ -1,14 +1,15 @@
 // The CPU kernel's AVX-512 draw of the Philox4x32-10 + Box-Muller normals of csrc/include/philox.h:
 // the same construction (ddpm_fast/philox.py defines it), written with intrinsics for 16 Philox blocks
 // = 64 consecutive elements at a time. The 196,608 normals of a (16, 3, 64, 64) step take about
-// 115 us on one AVX-512 core (Zen 4) this way; the portable loops over philox.h that this replaced
+// 110 us on one AVX-512 core (Zen 4) this way; the portable loops over philox.h that this replaced
 // for AVX-512 took about 145 us, mostly because here
 //   * the Philox words are carried in 64-bit lanes, so the 32 x 32 -> 64-bit multiply is one
 //     vpmuludq and the three-way XOR one vpternlogq; the block-independent halves of rounds 0
 //     and 1 are scalar;
 //   * ln u takes its exponent and mantissa from vgetexpps / vgetmantps, the square root is
 //     vrsqrt14ps plus one Newton step, and the quarter-turn reduction of the angle is integer
-//     arithmetic on the Philox word.
+//     arithmetic on the Philox word (csrc/cpu/box_muller_simd.h: the arithmetic shared with the
+//     AVX2 draw, csrc/cpu/philox_avx2.h).
 // Results agree with philox.h's to float rounding (|dz| < 1e-6; the contract between backends is
 // 1e-5, tests/test_diffusion_step.py checks the drawn noise against the reference).
 //
@@ -24,12 +25,21 @@
 #include <cstdint>
 #include <cstring>
 
+#include "box_muller_simd.h"
 #include "philox.h"
+
+// GCC 12 reports its own _mm512_undefined_* (self-initialised on purpose) as "may be used
+// uninitialized" in every function that inlines these intrinsics: a false positive.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace ddpm_fast {
 namespace philox_avx512 {
 
 #define DDPM_AVX512_INLINE static inline __attribute__((target("arch=x86-64-v4"), always_inline))
+
+typedef uint32_t U32x16 __attribute__((vector_size(64)));  // the words as 32-bit lanes
+typedef int32_t I32x16 __attribute__((vector_size(64)));
 
 // The high word of m * c for the word c in the low half of each 64-bit lane; lo gets the product
 // itself (its low half is the low word; the high half is don't-care, vpmuludq ignores it).
@@ -83,53 +93,26 @@ DDPM_AVX512_INLINE __m512 radius(__m512i bits) {
                                    _mm512_set1_ps(0x1p-24f));
   const __m512 m = _mm512_getmant_ps(u, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_src);
   const __m512 e = _mm512_getexp_ps(_mm512_mul_ps(u, _mm512_set1_ps(4.0f / 3.0f)));
-  const __m512 one = _mm512_set1_ps(1.0f);
-  const __m512 s = _mm512_div_ps(_mm512_sub_ps(m, one), _mm512_add_ps(m, one));
-  const __m512 s2 = _mm512_mul_ps(s, s);
-  // -2 ln m = s * (-4) (1 + s^2 / 3 + s^4 / 5 + s^6 / 7 + s^8 / 9)
-  __m512 p = _mm512_fmadd_ps(s2, _mm512_set1_ps(-4.0f / 9.0f), _mm512_set1_ps(-4.0f / 7.0f));
-  p = _mm512_fmadd_ps(s2, p, _mm512_set1_ps(-4.0f / 5.0f));
-  p = _mm512_fmadd_ps(s2, p, _mm512_set1_ps(-4.0f / 3.0f));
-  p = _mm512_fmadd_ps(s2, p, _mm512_set1_ps(-4.0f));
-  // -2 e ln 2 with ln 2 split as in philox.h (e * hi exact)
-  __m512 v = _mm512_fmadd_ps(s, p, _mm512_mul_ps(e, _mm512_set1_ps(-2.0f * 1.428606765330187e-06f)));
-  v = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.0f * 0.693145751953125f), v);  // v >= 1.19e-7 > 0
-  // sqrt(v) = v y, y ~ 1 / sqrt(v) to 14 bits, refined by one Newton step on the product
-  const __m512 y = _mm512_rsqrt14_ps(v);
-  const __m512 q = _mm512_mul_ps(v, y);
-  const __m512 t = _mm512_fnmadd_ps(q, _mm512_mul_ps(_mm512_set1_ps(0.5f), y), _mm512_set1_ps(0.5f));
-  return _mm512_fmadd_ps(q, t, q);
+  const __m512 v = box_muller_simd::minus_two_log(e, m);  // >= 1.19e-7 > 0
+  return box_muller_simd::sqrt_from_rsqrt(v, _mm512_rsqrt14_ps(v));  // 14-bit estimate
 }
 
-// sin and cos of 2 pi u, u = uniform_from_bits(bits) = (k + 1/2) 2^-23 with k = bits >> 9: the
-// nearest quarter turn q = (k + 2^20) >> 21 and the remainder (k - q 2^21 + 1/2) 2^-23 are exact
-// integer arithmetic; then philox.h sincos_turns' polynomials (cos to a^8: |a| <= pi / 4, the a^10
-// term is below 3e-8).
+// sin and cos of 2 pi u for u = uniform_from_bits(bits): box_muller_simd's quarter-turn reduction
+// and polynomials, then the quadrant's swap (mask blends) and sign flips (0x78: a ^ (b & c); sin is
+// negative in quadrants 2, 3: bit 1 of q, cos in 1, 2: bit 1 of q + 1).
 DDPM_AVX512_INLINE void sincos_turns(__m512i bits, __m512& sin_out, __m512& cos_out) {
-  const __m512i kq = _mm512_add_epi32(_mm512_srli_epi32(bits, 9), _mm512_set1_epi32(1 << 20));
-  const __m512i q = _mm512_srli_epi32(kq, 21);  // 0..4
-  const __m512i d = _mm512_sub_epi32(_mm512_and_si512(kq, _mm512_set1_epi32((1 << 21) - 1)),
-                                     _mm512_set1_epi32(1 << 20));
-  constexpr float kTwoPi = 6.28318530717958647692f;
-  const __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(kTwoPi * 0x1p-23f),
-                                   _mm512_set1_ps(kTwoPi * 0x1p-24f));
-  const __m512 a2 = _mm512_mul_ps(a, a);
-  __m512 sp = _mm512_fmadd_ps(a2, _mm512_set1_ps(1.0f / 362880.0f), _mm512_set1_ps(-1.0f / 5040.0f));
-  sp = _mm512_fmadd_ps(a2, sp, _mm512_set1_ps(1.0f / 120.0f));
-  sp = _mm512_fmadd_ps(a2, sp, _mm512_set1_ps(-1.0f / 6.0f));
-  sp = _mm512_fmadd_ps(a, _mm512_mul_ps(a2, sp), a);
-  __m512 cp = _mm512_fmadd_ps(a2, _mm512_set1_ps(1.0f / 40320.0f), _mm512_set1_ps(-1.0f / 720.0f));
-  cp = _mm512_fmadd_ps(a2, cp, _mm512_set1_ps(1.0f / 24.0f));
-  cp = _mm512_fmadd_ps(a2, cp, _mm512_set1_ps(-0.5f));
-  cp = _mm512_fmadd_ps(a2, cp, _mm512_set1_ps(1.0f));
-  const __mmask16 odd = _mm512_test_epi32_mask(q, _mm512_set1_epi32(1));
+  U32x16 q;
+  const __m512 a = box_muller_simd::quarter_turn<__m512, I32x16>((U32x16)bits, q);
+  __m512 sp, cp;
+  box_muller_simd::sin_cos_quarter(a, sp, cp);
+  const __m512i qi = (__m512i)q;
+  const __mmask16 odd = _mm512_test_epi32_mask(qi, _mm512_set1_epi32(1));
   const __m512i sv = _mm512_castps_si512(_mm512_mask_blend_ps(odd, sp, cp));
   const __m512i cv = _mm512_castps_si512(_mm512_mask_blend_ps(odd, cp, sp));
-  // sign flips (0x78: a ^ (b & c)): sin in quadrants 2, 3 (bit 1 of q), cos in 1, 2 (bit 1 of q + 1)
   const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
-  sin_out = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(sv, _mm512_slli_epi32(q, 30), sign, 0x78));
+  sin_out = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(sv, _mm512_slli_epi32(qi, 30), sign, 0x78));
   cos_out = _mm512_castsi512_ps(
-      _mm512_ternarylogic_epi32(cv, _mm512_slli_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(1)), 30), sign, 0x78));
+      _mm512_ternarylogic_epi32(cv, _mm512_slli_epi32(_mm512_add_epi32(qi, _mm512_set1_epi32(1)), 30), sign, 0x78));
 }
 
 // The 64 normals of Philox blocks block0 .. block0 + 15, in element order (out[i] = elements
@@ -187,5 +170,7 @@ __attribute__((target("arch=x86-64-v4"))) static void fill_normals_avx512(philox
 
 }  // namespace philox_avx512
 }  // namespace ddpm_fast
+
+#pragma GCC diagnostic pop
 
 #endif  // x86-64 with GCC / Clang
