@@ -33,6 +33,7 @@
 #include "cpu_isa.h"
 #include "diffusion_step_args.h"
 #include "diffusion_step_math.h"
+#include "normals_staging.h"
 #include "philox.h"
 #include "philox_avx2.h"
 #include "philox_avx512.h"
@@ -184,22 +185,20 @@ constexpr typename VecTypes<B>::I zip_mask(int half, int run) {
 }
 
 // Standard normals of elements first .. first + count - 1 of a sample (any alignment) into z;
-// tmp holds count + 72 floats. B: the SIMD width in bytes (L = B / 4 Philox blocks per
-// iteration: their 4 outputs are computed lane-wise, then interleaved into element order with
-// 8 shuffles). The AVX2 and AVX-512 kernels use csrc/cpu/philox_avx2.h and philox_avx512.h instead.
+// tmp holds count + 72 floats (csrc/cpu/normals_staging.h). B: the SIMD width in bytes (L = B / 4
+// Philox blocks per iteration: their 4 outputs are computed lane-wise, then interleaved into
+// element order with 8 shuffles). The AVX2 and AVX-512 kernels use csrc/cpu/philox_avx2.h and
+// philox_avx512.h instead.
 template <int B>
 DDPM_CPU_INLINE void fill_normals(philox::Key key, philox::StepWords st, int64_t first, int64_t count, float* z,
                                   float* tmp) {
   constexpr int L = B / 4;
   using F = typename VecTypes<B>::F;
-  const int64_t block0 = first >> 2;
-  const int64_t offset = first & 3;
-  const int64_t blocks = (offset + count + 3) >> 2;
-  float* dst = (offset == 0 && count % (4 * L) == 0) ? z : tmp;
-  for (int64_t j0 = 0; j0 < blocks; j0 += L) {
+  const NormalsStaging at(first, count, L, z, tmp);
+  for (int64_t j0 = 0; j0 < at.blocks; j0 += L) {
     uint32_t r[4][L];  // word k of the blocks j0 .. j0 + L - 1
     for (int l = 0; l < L; ++l) {
-      uint32_t c[4] = {static_cast<uint32_t>(block0 + j0 + l), st.lo, st.hi, philox::kNoiseStream};
+      uint32_t c[4] = {static_cast<uint32_t>(at.block0 + j0 + l), st.lo, st.hi, philox::kNoiseStream};
       philox::philox4x32_10(c, key);
       for (int k = 0; k < 4; ++k) r[k][l] = c[k];
     }
@@ -217,9 +216,9 @@ DDPM_CPU_INLINE void fill_normals(philox::Key key, philox::StepWords st, int64_t
     const F cd_lo = __builtin_shuffle(c, d, zip_mask<B>(0, 1)), cd_hi = __builtin_shuffle(c, d, zip_mask<B>(1, 1));
     const F out[4] = {__builtin_shuffle(ab_lo, cd_lo, zip_mask<B>(0, 2)), __builtin_shuffle(ab_lo, cd_lo, zip_mask<B>(1, 2)),
                       __builtin_shuffle(ab_hi, cd_hi, zip_mask<B>(0, 2)), __builtin_shuffle(ab_hi, cd_hi, zip_mask<B>(1, 2))};
-    std::memcpy(dst + 4 * j0, out, 4 * B);
+    std::memcpy(at.dst + 4 * j0, out, 4 * B);
   }
-  if (dst != z) std::memcpy(z, tmp + offset, count * sizeof(float));
+  at.finish(z, count);
 }
 
 // n floats aligned to a cache line (64 bytes), so that full-width SIMD loads and stores of the
@@ -265,14 +264,14 @@ struct Kernels {
   // The step before projection for elements first .. first + count - 1 of sample b: x_new -> x_new
   // (clipped unless kProjected), pred_x0 -> x0 (if not null), and with kProjected x_det -> x_det and
   // the sums of |x_det - x0|^2 and |x_new - x0|^2 over the run added to sums[0..1] (if not null).
-  // kForm: kGeneral (step::step_element), or the options have step::affine_form and kForm says
-  // which of its x_det terms exist (the loop then has no per-element option branches).
+  // kForm: kGeneral (step::step_element), or the options have step::affine_form, f is sample b's,
+  // and kForm says which of its x_det terms exist (the loop then has no per-element option branches).
   template <int kForm, bool kProjected>
   static DDPM_CPU_INLINE void run_elements_as(const Call& a, int64_t b, int64_t first, int64_t count, float* x_new,
-                                              float* x0, float* x_det, double* sums, Scratch& s) {
+                                              float* x0, float* x_det, double* sums, Scratch& s,
+                                              const step::Affine& f) {
     const Options o = a.o;
     const Coefs k = a.coefs[b];  // local copies: stores through float pointers cannot alias them
-    const step::Affine f = kForm != kGeneral ? step::affine_form(k, o) : step::Affine{};
     const float* xb = a.x + b * a.g.numel + first;
     const float* pred = a.model_output + b * a.g.mo_stride + first;
     const bool read_var = o.method == step::kDdpm && step::learned_variance(o.variance);
@@ -327,19 +326,19 @@ struct Kernels {
   static DDPM_CPU_INLINE void run_elements(const Call& a, int64_t b, int64_t first, int64_t count, float* x_new,
                                            float* x0, float* x_det, double* sums, Scratch& s) {
     if (!step::has_affine_form(a.o)) {
-      run_elements_as<kGeneral, kProjected>(a, b, first, count, x_new, x0, x_det, sums, s);
+      run_elements_as<kGeneral, kProjected>(a, b, first, count, x_new, x0, x_det, sums, s, step::Affine{});
       return;
     }
-    const step::Affine f = step::affine_form(a.coefs[b], a.o);  // its term flags depend on the options only
+    const step::Affine f = step::affine_form(a.coefs[b], a.o);
     switch ((f.uses_x ? kAffineX : 0) | (f.uses_pred ? kAffinePred : 0)) {
       case kAffineX:
-        run_elements_as<kAffineX, kProjected>(a, b, first, count, x_new, x0, x_det, sums, s);
+        run_elements_as<kAffineX, kProjected>(a, b, first, count, x_new, x0, x_det, sums, s, f);
         break;
       case kAffinePred:
-        run_elements_as<kAffinePred, kProjected>(a, b, first, count, x_new, x0, x_det, sums, s);
+        run_elements_as<kAffinePred, kProjected>(a, b, first, count, x_new, x0, x_det, sums, s, f);
         break;
       default:
-        run_elements_as<kAffineX | kAffinePred, kProjected>(a, b, first, count, x_new, x0, x_det, sums, s);
+        run_elements_as<kAffineX | kAffinePred, kProjected>(a, b, first, count, x_new, x0, x_det, sums, s, f);
     }
   }
 

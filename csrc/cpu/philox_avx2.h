@@ -18,9 +18,9 @@
 #include <immintrin.h>
 
 #include <cstdint>
-#include <cstring>
 
 #include "box_muller_simd.h"
+#include "normals_staging.h"
 #include "philox.h"
 
 namespace ddpm_fast {
@@ -132,19 +132,17 @@ DDPM_AVX2_INLINE void normals32(uint32_t block0, philox::Key key, philox::StepWo
 }
 
 // Standard normals of elements first .. first + count - 1 of a sample (any alignment) into z;
-// tmp holds count + 72 floats (the contract of the portable fill in csrc/cpu/diffusion_step.cpp).
+// tmp holds count + 72 floats (csrc/cpu/normals_staging.h).
 __attribute__((target("arch=x86-64-v3"))) static void fill_normals_avx2(philox::Key key, philox::StepWords st,
                                                                         int64_t first, int64_t count, float* z,
                                                                         float* tmp) {
-  const int64_t block0 = first >> 2, offset = first & 3;
-  const int64_t blocks = (offset + count + 3) >> 2;
-  float* dst = (offset == 0 && count % 32 == 0) ? z : tmp;
-  for (int64_t j = 0; j < blocks; j += 8) {
+  const NormalsStaging at(first, count, 8, z, tmp);
+  for (int64_t j = 0; j < at.blocks; j += 8) {
     __m256 out[4];
-    normals32(static_cast<uint32_t>(block0 + j), key, st, out);
-    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(dst + 4 * j + 8 * i, out[i]);
+    normals32(static_cast<uint32_t>(at.block0 + j), key, st, out);
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(at.dst + 4 * j + 8 * i, out[i]);
   }
-  if (dst != z) std::memcpy(z, tmp + offset, count * sizeof(float));
+  at.finish(z, count);
 }
 
 #undef DDPM_AVX2_INLINE

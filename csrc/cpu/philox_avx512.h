@@ -23,9 +23,9 @@
 #include <immintrin.h>
 
 #include <cstdint>
-#include <cstring>
 
 #include "box_muller_simd.h"
+#include "normals_staging.h"
 #include "philox.h"
 
 // GCC 12 reports its own _mm512_undefined_* (self-initialised on purpose) as "may be used
@@ -151,19 +151,17 @@ DDPM_AVX512_INLINE void normals64(uint32_t block0, philox::Key key, philox::Step
 }
 
 // Standard normals of elements first .. first + count - 1 of a sample (any alignment) into z;
-// tmp holds count + 72 floats (the same contract as the portable fill in csrc/cpu/diffusion_step.cpp).
+// tmp holds count + 72 floats (csrc/cpu/normals_staging.h).
 __attribute__((target("arch=x86-64-v4"))) static void fill_normals_avx512(philox::Key key, philox::StepWords st,
                                                                           int64_t first, int64_t count, float* z,
                                                                           float* tmp) {
-  const int64_t block0 = first >> 2, offset = first & 3;
-  const int64_t blocks = (offset + count + 3) >> 2;
-  float* dst = (offset == 0 && count % 64 == 0) ? z : tmp;
-  for (int64_t j = 0; j < blocks; j += 16) {
+  const NormalsStaging at(first, count, 16, z, tmp);
+  for (int64_t j = 0; j < at.blocks; j += 16) {
     __m512 out[4];
-    normals64(static_cast<uint32_t>(block0 + j), key, st, out);
-    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(dst + 4 * j + 16 * i, out[i]);
+    normals64(static_cast<uint32_t>(at.block0 + j), key, st, out);
+    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(at.dst + 4 * j + 16 * i, out[i]);
   }
-  if (dst != z) std::memcpy(z, tmp + offset, count * sizeof(float));
+  at.finish(z, count);
 }
 
 #undef DDPM_AVX512_INLINE
