@@ -13,7 +13,7 @@ STAMP := build/.installed-$(subst /,_,$(abspath $(PY)))
 SOURCES := setup.py CMakeLists.txt pyproject.toml $(shell find csrc -type f 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench bench-quick bench-compare clean
+.PHONY: install test demo bench bench-quick bench-compare gpu-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,15 @@ bench-quick: install
 bench-compare: install
 	$(PY) -m pytest benchmarks -q --benchmark-autosave --benchmark-storage=file://build/bench-history \
 		--benchmark-compare --benchmark-columns=median,iqr
+
+# The GPU acceptance run (benchmarks/gpu_check.py; README "GPU acceptance run"): on a CUDA machine it
+# builds for the local GPU with the python and torch that are there (no venv, no download), runs the
+# cuda tests, the GPU benchmarks with the speed gate, compute-sanitizer and the end-to-end checks in
+# about 8 minutes; without a GPU it runs its dry run. Results: $$DDPM_FAST_GPU_CHECK_DIR (default
+# build/gpu-check). GPU_CHECK_ARGS: e.g. --skip sanitizer, --dry-run.
+GPU_CHECK_PYTHON ?= $(if $(VIRTUAL_ENV),python,python3)
+gpu-check:
+	$(GPU_CHECK_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info ddpm_fast/_C*.so
