@@ -146,3 +146,16 @@ def test_bad_arguments_are_refused(capsys):
     assert "unknown phase(s) x" in capsys.readouterr().err
     args = gpu_check.parse_args(["--skip", "sanitizer,e2e"])
     assert [p.name for p in gpu_check.selected(args)] == ["build", "tests", "bench"]
+
+
+def test_test_modules_with_a_missing_third_party_import_are_left_out(tmp_path):
+    (tmp_path / "test_needs_missing.py").write_text(
+        "import json\nimport pytest, missing_too_pkg.sub\nfrom surely_not_installed_pkg import thing\n\n"
+        "def test_x():\n    pass\n")
+    (tmp_path / "test_fine.py").write_text(
+        "import json\nfrom conftest import x\nimport ddpm_fast\n\ndef f():\n    import also_not_installed_pkg\n")
+    missing = gpu_check.uncollectable(sys.executable, tmp_path)
+    assert missing == {str(tmp_path / "test_needs_missing.py"): ["missing_too_pkg", "surely_not_installed_pkg"]}
+    ctx = gpu_check.Context(out=tmp_path)
+    (cmd,) = gpu_check.tests_commands(ctx, [], missing)
+    assert cmd[-1] == f"--ignore={tmp_path / 'test_needs_missing.py'}"
