@@ -1,6 +1,7 @@
 # ddpm_fast developer commands. Every target works from a fresh clone: when no virtualenv is
 # active it creates .venv, installs torch and the package (building the C++/CUDA extension), then
-# runs. TORCH_CUDA_ARCH_LIST picks the CUDA archs (default 8.0;9.0+PTX; CI uses 9.0 alone).
+# runs. TORCH_CUDA_ARCH_LIST picks the CUDA archs (default 8.0;9.0+PTX where a GPU is visible; none,
+# CPU kernels only, where none is: setup.py's skip_cuda; CI sets 8.0;9.0).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.14.1

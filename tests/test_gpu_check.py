@@ -40,7 +40,7 @@ def test_make_gpu_check_without_a_gpu_runs_the_dry_run_and_exits_0(tmp_path):
     assert "ddpm_fast.benchreport run" in bench and "--min-speedup 0.8" in bench
     assert [c.split()[2] for c in phases["sanitizer"]["data"]["commands"]] == ["memcheck", "racecheck"]
     assert phases["sanitizer"]["data"]["optional"] and phases["e2e"]["data"]["needs"] == ["build"]
-    assert "| sanitizer | planned |  | 60 |" in (tmp_path / "summary.md").read_text()
+    assert "| sanitizer | planned |  | 40 |" in (tmp_path / "summary.md").read_text()
 
 
 def _phase(name, status=None, raises=None, budget=10, needs=(), optional=False, calls=None):
