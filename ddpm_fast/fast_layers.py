@@ -20,8 +20,8 @@ gives conv(nearest_upsample_x2(x)), both equal to the plain computation up to fl
 these were measured on, oneDNN runs fp32 GEMMs at about twice the speed of the MKL sgemm behind
 F.linear.)
 
-All keep derived weights (packed or merged) in a cache rebuilt whenever the conv's weight changes
-(data pointer, in-place version counter, dtype); the caches are not part of any state_dict and
+All keep derived weights (packed or merged) in a cache rebuilt whenever a source tensor changes
+(the conv's weight or bias: data pointer, in-place version counter, dtype, device, layout); the caches are not part of any state_dict and
 start empty in copies. When autograd is recording for the weights or the input, the plain
 differentiable computation runs instead.
 """
@@ -57,11 +57,16 @@ def _packable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return is_channels_last(x) and _onednn_ok(x, weight)
 
 
-def _weight_key(weight: torch.Tensor) -> tuple:
-    """Identifies a weight's current values: storage, in-place version (inference tensors have
-    none: they cannot change outside inference mode), dtype and device."""
+def version_key(weight: torch.Tensor | None) -> tuple | None:
+    """Identifies a tensor's current values: storage, in-place version (inference tensors have
+    none: they cannot change outside inference mode), dtype, device, shape and strides (a
+    channels_last copy differs). A derived copy made when this key was K is current while the
+    key stays K (an in-place update that bypasses the version counter, e.g. through `.data`,
+    is not seen). None for None."""
+    if weight is None:
+        return None
     version = 0 if weight.is_inference() else weight._version
-    return (weight.data_ptr(), version, weight.dtype, weight.device)
+    return (weight.data_ptr(), version, weight.dtype, weight.device, tuple(weight.shape), weight.stride())
 
 
 def upsample_phase_weights(weight: torch.Tensor, bias: torch.Tensor | None):
@@ -94,7 +99,7 @@ class FastConv:
     """Cached inference paths of one nn.Conv2d (see the module docstring)."""
 
     def __init__(self):
-        self._source = None   # (data_ptr, version, dtype, device) of the weight the caches derive from
+        self._source = None   # version_key of the weight and bias the caches derive from
         self._packed: dict[tuple, torch.Tensor] = {}
         self._phase = None
 
@@ -105,8 +110,14 @@ class FastConv:
     def __getstate__(self) -> dict:
         return {"_source": None, "_packed": {}, "_phase": None}
 
-    def _sync(self, weight: torch.Tensor) -> None:
-        key = _weight_key(weight)
+    def derived(self) -> tuple[torch.Tensor, ...]:
+        """The derived tensors held now (merged phase weights and bias, packed weights): what a
+        captured graph that ran this conv reads besides the conv's own parameters."""
+        phase = () if self._phase is None else tuple(t for t in self._phase if t is not None)
+        return phase + tuple(self._packed.values())
+
+    def _sync(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        key = (version_key(weight), version_key(bias))
         if key != self._source:
             self._source, self._packed, self._phase = key, {}, None
 
@@ -134,7 +145,7 @@ class FastConv:
                 or isinstance(conv.padding, str):
             out = conv(x)
             return out if add is None else add + out
-        self._sync(conv.weight)
+        self._sync(conv.weight, conv.bias)
         return self._run("conv", x, conv.weight.detach(), None if conv.bias is None else conv.bias.detach(),
                          conv.padding, conv.stride, conv.dilation, conv.groups, add)
 
@@ -144,7 +155,7 @@ class FastConv:
                   and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
         if not simple or _records_grad(conv.weight, conv.bias, x):
             return conv(F.interpolate(x, scale_factor=2, mode="nearest"))
-        self._sync(conv.weight)
+        self._sync(conv.weight, conv.bias)
         if self._phase is None:
             with torch.no_grad():
                 self._phase = upsample_phase_weights(conv.weight.detach(),
@@ -164,6 +175,10 @@ class FastLinear:
     def __deepcopy__(self, memo) -> "FastLinear":
         return FastLinear()
 
+    def derived(self) -> tuple[torch.Tensor, ...]:
+        """The packed weight held now (see FastConv.derived)."""
+        return () if self._packed is None else (self._packed,)
+
     def __getstate__(self) -> dict:
         return {"_source": None, "_packed": None}
 
@@ -178,7 +193,7 @@ class FastLinear:
         if not usable:
             out = F.linear(x, weight, bias)
             return out if add is None else out.add_(add)
-        key = _weight_key(weight)
+        key = version_key(weight)
         if key != self._source:
             self._source = key
             self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)

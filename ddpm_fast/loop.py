@@ -7,7 +7,8 @@ so torch.cuda.graph can record all of it (graphs.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -55,17 +56,43 @@ class Plan:
 
     coef: (S, NUM_COEFS) float32 rows of the step coefficients (step index s = 0 .. S-1);
     t_model: (S,) the timesteps the model receives at each step index (original timesteps,
-    rescaled to 0..1000 when the diffusion says so); step_ids: (S,) int64 noise step ids.
+    rescaled to 0..1000 when the diffusion says so); step_ids: (S,) int64 noise step ids;
+    initial_step: () int64, x_T's step id (philox.INITIAL_NOISE_STEP; made with the plan so
+    that the loop creates no tensor from a host scalar: a CUDA graph captures it as it is).
     The loop visits s = S-1 down to 0."""
 
     coef: torch.Tensor
     t_model: torch.Tensor
     step_ids: torch.Tensor
     options: StepOptions
+    initial_step: torch.Tensor | None = None
     num_steps: int = field(init=False)
 
     def __post_init__(self):
         self.num_steps = self.coef.shape[0]
+        if self.initial_step is None:
+            self.initial_step = torch.full((), philox.INITIAL_NOISE_STEP, dtype=torch.int64,
+                                           device=self.coef.device)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor the loop reads from the plan (what a captured graph must keep alive)."""
+        return self.coef, self.t_model, self.step_ids, self.initial_step
+
+    def to(self, device) -> "Plan":
+        """The same plan on `device`."""
+        return replace(self, coef=self.coef.to(device), t_model=self.t_model.to(device),
+                       step_ids=self.step_ids.to(device), initial_step=self.initial_step.to(device))
+
+    def digest(self) -> str:
+        """A hash of the plan's values and options (a captured loop's cache key: a changed
+        schedule, respacing, eta, rescaling or per-step noise switch gives another digest).
+        Reads the tensors on the host: call it on a CPU plan, or accept a device sync."""
+        h = hashlib.sha256(repr(self.options).encode())
+        for t in self.tensors():
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
 
 def make_plan(diffusion, options: StepOptions, eta: float, device: torch.device) -> Plan:
@@ -77,10 +104,13 @@ def make_plan(diffusion, options: StepOptions, eta: float, device: torch.device)
 
 
 def initial_noise(seeds: torch.Tensor, sample_shape: tuple[int, ...],
-                  clip: tuple[float, float] | None = None) -> torch.Tensor:
+                  clip: tuple[float, float] | None = None,
+                  step: int | torch.Tensor = philox.INITIAL_NOISE_STEP) -> torch.Tensor:
     """x_T for each sample's seed (B,) int64 -> (B, *sample_shape) float32, from the same
-    counter-based generator as the steps' noise (its own step id), clamped when `clip` is set."""
-    x = philox.initial_noise(seeds, sample_shape)
+    counter-based generator as the steps' noise (its own step id), clamped when `clip` is set.
+    step: x_T's step id, best the plan's `initial_step` tensor (no host-to-device copy inside a
+    captured loop)."""
+    x = philox.initial_noise(seeds, sample_shape, step=step)
     return x if clip is None else x.clamp(clip[0], clip[1])
 
 
@@ -93,7 +123,9 @@ def reverse_loop(model_fn: ModelFn, plan: Plan, x: torch.Tensor, seeds: torch.Te
 
     model_fn(x, t) -> model output (B, C or 2C, H, W), with t the (B,) model timesteps;
     seeds (B,) int64 key the in-kernel noise (None: no noise, e.g. deterministic DDIM);
-    cond_fn(x, t) -> classifier-guidance gradient (needs autograd: eager only);
+    cond_fn(x, t) -> classifier-guidance gradient (needs autograd: eager only); it alone runs
+    with gradients: the model calls and the steps run under no_grad (so the U-Net takes its
+    fused forward-only kernels even when its parameters require grad);
     steps: the step indices to visit, in order (default S-1 down to 0; restoration visits
     part of them); before_step(x, s) -> x runs before each step (restoration's known region).
     Returns x (B, C, H, W) float32 after the last step, and its predicted x0 when return_x0.
@@ -108,16 +140,18 @@ def reverse_loop(model_fn: ModelFn, plan: Plan, x: torch.Tensor, seeds: torch.Te
         steps = tqdm(steps, desc="sampling", unit="step", leave=False)
     x0 = None
     for s in steps:
-        if before_step is not None:
-            x = before_step(x, s)
-        t = plan.t_model[s].expand(b)
-        out = model_fn(x, t)
+        with torch.no_grad():
+            if before_step is not None:
+                x = before_step(x, s)
+            t = plan.t_model[s].expand(b)
+            out = model_fn(x, t)
         grad = None
         if cond_fn is not None:
             with torch.enable_grad():
                 grad = classifier_gradient(cond_fn, x, t)
-        x, x0 = ops.diffusion_step(
-            x, out, plan.coef[s].expand(b, -1), seed=seeds,
-            step=None if seeds is None else plan.step_ids[s], guidance_grad=grad,
-            return_x0=return_x0 and s == last, backend=backend, **kwargs)
+        with torch.no_grad():
+            x, x0 = ops.diffusion_step(
+                x, out, plan.coef[s].expand(b, -1), seed=seeds,
+                step=None if seeds is None else plan.step_ids[s], guidance_grad=grad,
+                return_x0=return_x0 and s == last, backend=backend, **kwargs)
     return (x, x0) if return_x0 else x

@@ -23,6 +23,7 @@ The largest |z| is sqrt(-2 ln 2^-24) = 5.77.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -52,11 +53,17 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (p_hi >> 16) + (mid >> 32), mid & _MASK32
 
 
+def _word(w):
+    """A counter or key word: an int64 tensor stays one, a Python int stays an int (the arithmetic
+    below works on both; no host-to-device scalar copy, so a CUDA graph can capture it)."""
+    return w.to(torch.int64) if isinstance(w, torch.Tensor) else int(w)
+
+
 def philox4x32_10(counter: tuple, key: tuple) -> tuple[torch.Tensor, ...]:
     """Random123's Philox4x32 with 10 rounds. counter: 4 int64 tensors (or ints) holding uint32
     words, key: 2 of them; all broadcast together. Returns the 4 output words as int64 tensors."""
-    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in counter)
-    k0, k1 = (torch.as_tensor(k, dtype=torch.int64) for k in key)
+    c0, c1, c2, c3 = (_word(c) for c in counter)
+    k0, k1 = (_word(k) for k in key)
     for r in range(PHILOX_ROUNDS):
         if r:
             k0 = (k0 + PHILOX_W0) & _MASK32
@@ -64,7 +71,8 @@ def philox4x32_10(counter: tuple, key: tuple) -> tuple[torch.Tensor, ...]:
         hi0, lo0 = _mulhilo(PHILOX_M0, c0)
         hi1, lo1 = _mulhilo(PHILOX_M1, c2)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-    return c0, c1, c2, c3
+    return tuple(c if isinstance(c, torch.Tensor) else torch.tensor(c, dtype=torch.int64)
+                 for c in (c0, c1, c2, c3))
 
 
 def uniform_from_bits(r: torch.Tensor) -> torch.Tensor:
@@ -73,11 +81,24 @@ def uniform_from_bits(r: torch.Tensor) -> torch.Tensor:
     return ((r >> 9).double() + 0.5) * 2.0 ** -23
 
 
-def _step_words(step, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two counter words of a step id (a Python int or a 0-dim integer tensor; no host sync)."""
-    s = torch.as_tensor(step, dtype=torch.int64, device=device)
-    if s.dim() != 0:
-        raise ValueError(f"step must be an int or a 0-dim integer tensor; got shape {tuple(s.shape)}")
+def _step_words(step, device: torch.device):
+    """The two counter words of a step id: Python ints for an int step, 0-dim int64 tensors for a
+    0-dim integer tensor on `device`. Neither makes a host-to-device copy or a host sync (a CUDA
+    graph can capture the draw)."""
+    if isinstance(step, torch.Tensor):
+        if step.dim() != 0 or step.dtype.is_floating_point or step.dtype.is_complex or step.dtype == torch.bool:
+            raise ValueError(f"step must be an int or a 0-dim integer tensor; got a {step.dtype} tensor "
+                             f"of shape {tuple(step.shape)}")
+        if step.device != device:
+            raise ValueError(f"step is on {step.device} but seed is on {device}; give the step id on "
+                             "seed's device")
+        s = step.to(torch.int64)
+    elif isinstance(step, numbers.Integral) and not isinstance(step, bool):
+        s = int(step)
+        if not -(1 << 63) <= s < (1 << 63):
+            raise ValueError(f"step must fit in int64; got {s}")
+    else:
+        raise ValueError(f"step must be an int or a 0-dim integer tensor; got {type(step).__name__}")
     return s & _MASK32, (s >> 32) & _MASK32
 
 
@@ -116,16 +137,18 @@ def philox_normal(seed: torch.Tensor, step, sample_shape) -> torch.Tensor:
     return z.reshape(seed.shape[0], -1)[:, :n].float().reshape(seed.shape[0], *sample_shape)
 
 
-def initial_noise(seed: torch.Tensor, sample_shape, *, backend: str = "auto") -> torch.Tensor:
+def initial_noise(seed: torch.Tensor, sample_shape, *, backend: str = "auto",
+                  step: int | torch.Tensor = INITIAL_NOISE_STEP) -> torch.Tensor:
     """x_T: (B, *sample_shape) float32 standard normal draws of step id INITIAL_NOISE_STEP.
 
-    seed (B,) int64. backend "torch" evaluates philox_normal; any other backend ("auto", "cpu",
+    seed (B,) int64. step: INITIAL_NOISE_STEP, or a 0-dim int64 tensor holding it on seed's device
+    (prepared before a CUDA graph capture: the loop then makes no host-to-device copy). backend "torch" evaluates philox_normal; any other backend ("auto", "cpu",
     "cuda", "triton") draws the same numbers (to rounding) inside the fused step kernel
     (ddpm_fast.ops.diffusion_step with coefficients that make x_prev = 0 + 1 * noise).
     """
     seed = _check_seed(seed)
     if backend == "torch":
-        return philox_normal(seed, INITIAL_NOISE_STEP, sample_shape)
+        return philox_normal(seed, step, sample_shape)
     from .ops.diffusion_step import draw_noise  # noqa: PLC0415 (ops imports this module)
 
-    return draw_noise(seed, INITIAL_NOISE_STEP, sample_shape, backend=backend)
+    return draw_noise(seed, step, sample_shape, backend=backend)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from . import ops
 from ._registry import BACKENDS
-from .fast_layers import FastConv, FastLinear, is_channels_last
+from .fast_layers import FastConv, FastLinear, is_channels_last, version_key
 
 NUM_GROUPS = 32  # ADM's normalization(): GroupNorm32(32, channels)
 
@@ -502,6 +502,18 @@ class UNet(nn.Module):
         """The dtype the torso runs in (that of its convolutions)."""
         return self.input_blocks[0][0].weight.dtype
 
+    def derived_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The derived weight copies the fast path holds now (fused timestep projection, merged
+        upsampling weights, packed CPU weights), each rebuilt when its source parameters change.
+        A captured graph reads these besides the parameters and buffers: ddpm_fast.graphs keeps
+        them alive with the graph and recaptures when they are replaced."""
+        out = [] if self._fused_emb is None else list(self._fused_emb)
+        for m in self._ops_modules():
+            for runner in (*m.__dict__.get("_fast_convs", {}).values(),
+                           *m.__dict__.get("_fast_linears", {}).values()):
+                out.extend(runner.derived())
+        return tuple(out)
+
     # ---- forward --------------------------------------------------------------------------
 
     def _project_embeddings(self, emb: torch.Tensor) -> dict:
@@ -516,7 +528,7 @@ class UNet(nn.Module):
             weight = torch.cat([l.weight for l in linears])
             bias = torch.cat([l.bias for l in linears])
         else:
-            key = tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in params)
+            key = tuple(version_key(p) for p in params)
             if key != self._fused_emb_key:
                 # a normal tensor even under inference_mode, so that later autograd use is allowed
                 with torch.inference_mode(False), torch.no_grad():

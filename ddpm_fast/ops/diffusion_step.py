@@ -41,7 +41,8 @@ def _step_tensor(step, device: torch.device) -> torch.Tensor:
     if isinstance(step, numbers.Integral) and not isinstance(step, bool):
         if not -(1 << 63) <= int(step) < (1 << 63):
             raise ValueError(f"step must fit in int64; got {step}")
-        return torch.tensor(int(step), dtype=torch.int64, device=device)
+        # a fill on the device, not a host-to-device copy of a host scalar: capturable by a CUDA graph
+        return torch.full((), int(step), dtype=torch.int64, device=device)
     raise ValueError(f"step must be an int or a 0-dim int64 tensor; got {type(step).__name__}")
 
 
