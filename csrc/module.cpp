@@ -2,6 +2,8 @@
 // every source linked into it; the few functions here only report how it was built.
 #include <torch/extension.h>
 
+#include "cpu_isa.h"
+
 #ifndef DDPM_FAST_CUDA_ARCHS
 #define DDPM_FAST_CUDA_ARCHS ""
 #endif
@@ -32,4 +34,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_archs", [] { return std::string(DDPM_FAST_CUDA_ARCHS); },
         "The TORCH_CUDA_ARCH_LIST the CUDA kernels were compiled for ('' without CUDA)");
   m.def("openmp_enabled", &openmp_enabled, "True when the CPU kernels were built with OpenMP");
+  m.def("cpu_isa", [] { return std::string(ddpm_fast::cpu_isa::name()); },
+        "The instruction set the CPU kernels run with in this process: 'avx512', 'avx2' or "
+        "'baseline' (the widest the CPU has, capped by DDPM_FAST_CPU_ISA)");
 }

@@ -1,5 +1,15 @@
-"""Test setup: GPU-only tests are marked `cuda` and skip without a GPU; without a GPU the Triton
-kernels run on the CPU interpreter (TRITON_INTERPRET=1 must be set before triton is imported)."""
+"""Test setup shared by every test file.
+
+Devices: GPU-only tests are marked `cuda` and skip without a GPU. Without a GPU the Triton kernels
+run on the CPU interpreter (TRITON_INTERPRET=1 must be set before triton is imported); with one,
+Triton runs on the GPU, so every Triton test builds its tensors on `device_of("triton")` (or the
+`triton_device` fixture) and is marked `cuda` at collection time: `pytest -m cuda` on a GPU host
+runs every Triton and CUDA test.
+
+Models: a fresh ADM U-Net outputs exactly 0 (guided-diffusion zero-initialises its output
+convolutions), so a test comparing a model's outputs first gives it random weights with
+`randomize_weights` (or the `randomized` fixture).
+"""
 import os
 from pathlib import Path
 
@@ -11,10 +21,99 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 GOLDEN = Path(__file__).parent / "golden"
+GPU_BACKENDS = ("cuda", "triton")  # the backends whose tensors live on the GPU when there is one
 
 
+def device_of(backend: str) -> str:
+    """The device of the tensors a test hands to `backend`: "cuda" for the CUDA C++ kernels and
+    for Triton when a GPU is visible; "cpu" otherwise (Triton then runs on its interpreter)."""
+    if backend == "cuda" or (backend == "triton" and HAS_CUDA):
+        return "cuda"
+    return "cpu"
+
+
+@pytest.fixture
+def triton_device() -> str:
+    """The device of a Triton test's tensors: "cuda" on a GPU host, "cpu" (interpreter) otherwise."""
+    return device_of("triton")
+
+
+def randomize_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
+    """Overwrite every parameter of `model` (the zero-initialised output convolutions included)
+    with N(0, std^2) draws from a generator seeded with `seed`; returns the model. Buffers are
+    left alone."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * std)
+    return model
+
+
+@pytest.fixture
+def randomized():
+    """randomize_weights, for tests that prefer a fixture to an import."""
+    return randomize_weights
+
+
+TINY_UNET = dict(image_size=8, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
+                 attention_resolutions=(2,), channel_mult=(1, 2), num_head_channels=16, num_classes=5,
+                 use_scale_shift_norm=True, resblock_updown=True)
+
+
+def tiny_unet(seed: int = 0, diffusion_steps: int = 20, **overrides):
+    """A small class-conditional ADM U-Net (8x8 RGB, learned variance, attention at 4x4, classes
+    0..3 and the null label 4 for classifier-free guidance) with random weights
+    (randomize_weights), in eval mode, carrying `model.diffusion` (cosine, learned_range)."""
+    from ddpm_fast import Diffusion, UNet
+
+    model = randomize_weights(UNet(**{**TINY_UNET, **overrides}), seed=seed).eval()
+    model.null_label = None if model.num_classes is None else model.num_classes - 1
+    model.diffusion = Diffusion("cosine", diffusion_steps, variance="learned_range")
+    return model
+
+
+# x86-64 microarchitecture levels as /proc/cpuinfo spells their flags (lzcnt is "abm")
+_X86_64_V3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+_X86_64_V4 = _X86_64_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+
+
+def expected_cpu_isa(cap: str | None = None) -> str | None:
+    """The instruction set ddpm_fast._C.cpu_isa() must report under DDPM_FAST_CPU_ISA=cap on this
+    machine, from /proc/cpuinfo's flags (independently of the kernels' own detection): the widest
+    of "avx512" (x86-64-v4), "avx2" (x86-64-v3), "baseline" that the CPU has and the cap allows.
+    None where /proc/cpuinfo is unreadable or the CPU is not x86-64."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), None)
+    if line is None:
+        return None
+    flags = set(line.split(":", 1)[1].split())
+    if "lm" not in flags:
+        return None
+    if cap not in ("baseline", "avx2") and _X86_64_V4 <= flags:
+        return "avx512"
+    if cap != "baseline" and _X86_64_V3 <= flags:
+        return "avx2"
+    return "baseline"
+
+
+def _runs_on_gpu(item) -> bool:
+    """A test that runs a GPU backend: a `backend` parameter of cuda/triton, the triton_device
+    fixture, or "triton" in its name (the Triton tests of each op)."""
+    callspec = getattr(item, "callspec", None)
+    backend = callspec.params.get("backend") if callspec is not None else None
+    return (backend in GPU_BACKENDS or "triton_device" in getattr(item, "fixturenames", ())
+            or "triton" in item.name.lower())
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the marks added here count for `-m cuda`
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
+        for item in items:
+            if _runs_on_gpu(item) and "cuda" not in item.keywords:
+                item.add_marker(pytest.mark.cuda)
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible)")
     for item in items:

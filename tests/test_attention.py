@@ -16,6 +16,8 @@ import ddpm_fast
 from ddpm_fast import ops, reference
 from ddpm_fast._registry import backends, extension, has_kernel
 
+from conftest import device_of
+
 LAYOUTS = ("legacy", "new")
 TOL = {
     torch.float32: dict(atol=1e-5, rtol=1e-4),
@@ -102,7 +104,9 @@ def per_head_attention(q, k, v):
     return out.reshape(b, heads * ch, length)
 
 
-def backends_on_cpu():
+def backends_here():
+    """The backends runnable here: torch, the C++ CPU kernel, Triton (on the GPU or the interpreter;
+    tensors go on device_of(backend))."""
     names = ["torch"]
     if has_kernel("attention", "CPU"):
         names.append("cpu")
@@ -112,13 +116,13 @@ def backends_on_cpu():
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("backend", backends_on_cpu())
+@pytest.mark.parametrize("backend", backends_here())
 def test_layout_places_heads(layout, backend):
     """Independent of split_qkv: heads packed by hand in each layout give per-head attention."""
     gen = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, 3, 8, 20, generator=gen) for _ in range(3))
-    out = ops.attention(pack(q, k, v, layout), 3, layout, backend=backend)
-    torch.testing.assert_close(out.double(), per_head_attention(q, k, v), atol=1e-5, rtol=1e-4)
+    out = ops.attention(pack(q, k, v, layout).to(device_of(backend)), 3, layout, backend=backend)
+    torch.testing.assert_close(out.cpu().double(), per_head_attention(q, k, v), atol=1e-5, rtol=1e-4)
 
 
 def test_layouts_differ():
@@ -205,8 +209,8 @@ TRITON_SHAPES = [(1, 1, 8, 1), (4, 2, 32, 16), (1, 4, 64, 64), (1, 2, 128, 33), 
 @needs_triton
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_triton_matches_reference_fp32(shape, layout):
-    qkv = make_qkv(*shape, seed=sum(shape))
+def test_triton_matches_reference_fp32(shape, layout, triton_device):
+    qkv = make_qkv(*shape, seed=sum(shape), device=triton_device)
     check_close(ops.attention(qkv, shape[1], layout, backend="triton"), qkv, shape[1], layout)
 
 
@@ -215,14 +219,14 @@ def test_triton_matches_reference_fp32(shape, layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(1, 1, 8, 1), (2, 2, 64, 64), (1, 2, 32, 50)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_triton_matches_reference_half(shape, layout, dtype):
-    qkv = make_qkv(*shape, dtype=dtype, seed=sum(shape))
+def test_triton_matches_reference_half(shape, layout, dtype, triton_device):
+    qkv = make_qkv(*shape, dtype=dtype, seed=sum(shape), device=triton_device)
     check_close(ops.attention(qkv, shape[1], layout, backend="triton"), qkv, shape[1], layout)
 
 
 @needs_triton
-def test_triton_opcheck():
-    qkv = make_qkv(1, 2, 16, 20, seed=6)
+def test_triton_opcheck(triton_device):
+    qkv = make_qkv(1, 2, 16, 20, seed=6, device=triton_device)
     from ddpm_fast.kernels import attention as triton_attention
 
     torch.library.opcheck(triton_attention.attention_op, (qkv, 2, False))
@@ -279,24 +283,24 @@ def test_triton_kernel_compiles_for_sm90():
 
 # ---- properties every CPU-runnable backend must have ------------------------------------------
 
-@pytest.mark.parametrize("backend", [b for b in backends_on_cpu() if b != "torch"])
+@pytest.mark.parametrize("backend", [b for b in backends_here() if b != "torch"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_strided_input(backend, layout):
     """qkv need not be contiguous: a (B, T, 3C) tensor transposed, and a channel slice."""
-    base = make_qkv(2, 2, 16, 40, seed=7)
+    base = make_qkv(2, 2, 16, 40, seed=7, device=device_of(backend))
     transposed = base.transpose(1, 2).contiguous().transpose(1, 2)
     assert not transposed.is_contiguous()
     check_close(ops.attention(transposed, 2, layout, backend=backend), transposed, 2, layout)
-    wide = make_qkv(2, 2, 16, 40, seed=8)
+    wide = make_qkv(2, 2, 16, 40, seed=8, device=device_of(backend))
     sliced = torch.cat([wide, wide], dim=2)[:, :, 5:45]
     assert not sliced.is_contiguous()
     check_close(ops.attention(sliced, 2, layout, backend=backend), sliced, 2, layout)
 
 
-@pytest.mark.parametrize("backend", [b for b in backends_on_cpu() if b != "torch"])
+@pytest.mark.parametrize("backend", [b for b in backends_here() if b != "torch"])
 def test_large_logits_are_stable(backend):
     """Logits of size ~1e3: a softmax without max subtraction overflows; the online one must not."""
-    qkv = make_qkv(1, 2, 32, 48, seed=9, scale=6.0)
+    qkv = make_qkv(1, 2, 32, 48, seed=9, scale=6.0, device=device_of(backend))
     out = ops.attention(qkv, 2, "new", backend=backend)
     assert torch.isfinite(out).all()
     # fp32 logits of size ~1e2 carry rounding ~1e-5 that exp() turns into relative errors of the
@@ -304,24 +308,25 @@ def test_large_logits_are_stable(backend):
     torch.testing.assert_close(out, reference.attention(qkv, 2, "new"), atol=3e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", [b for b in backends_on_cpu() if b != "torch"])
+@pytest.mark.parametrize("backend", [b for b in backends_here() if b != "torch"])
 def test_empty_batch(backend):
-    qkv = make_qkv(0, 2, 8, 16)
+    qkv = make_qkv(0, 2, 8, 16, device=device_of(backend))
     out = ops.attention(qkv, 2, "legacy", backend=backend)
     assert out.shape == (0, 16, 16)
 
 
 # ---- argument errors ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", backends_on_cpu())
+@pytest.mark.parametrize("backend", backends_here())
 def test_errors(backend):
-    good = make_qkv(1, 2, 8, 4)
+    device = device_of(backend)
+    good = make_qkv(1, 2, 8, 4, device=device)
     with pytest.raises(ValueError, match="qkv must have shape"):
         ops.attention(good[0], 2, backend=backend)
     with pytest.raises(ValueError, match="qkv must have shape"):
         ops.attention(good[None], 2, backend=backend)
     with pytest.raises(ValueError, match="multiple of 3"):
-        ops.attention(torch.randn(1, 47, 4), 1, backend=backend)
+        ops.attention(torch.randn(1, 47, 4, device=device), 1, backend=backend)
     with pytest.raises(ValueError, match="num_heads=3 must divide C=16"):
         ops.attention(good, 3, backend=backend)
     with pytest.raises(ValueError, match="qkv must have dtype"):
@@ -329,7 +334,7 @@ def test_errors(backend):
     with pytest.raises(ValueError, match="qkv must have dtype"):
         ops.attention(good.to(torch.int32), 2, backend=backend)
     with pytest.raises(TypeError, match="qkv must be a torch.Tensor"):
-        ops.attention(good.numpy(), 2, backend=backend)
+        ops.attention(good.cpu().numpy(), 2, backend=backend)
     with pytest.raises(ValueError, match="num_heads must be a positive int"):
         ops.attention(good, 0, backend=backend)
     with pytest.raises(TypeError, match="num_heads must be an int"):

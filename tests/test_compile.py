@@ -4,6 +4,7 @@ and compute what eager mode computes. The "aot_eager" backend traces through the
 and runs the real ones, without code generation (fast, and no C++ toolchain needed)."""
 import pytest
 import torch
+from conftest import randomize_weights
 
 from ddpm_fast import UNet, ops
 from ddpm_fast._registry import has_kernel
@@ -57,15 +58,20 @@ def test_diffusion_step_with_in_kernel_noise_compiles():
 
 @needs_cpu_kernels
 def test_fast_unet_compiles_fullgraph():
-    torch.manual_seed(0)
-    model = UNet(image_size=16, in_channels=1, model_channels=32, out_channels=2, num_res_blocks=1,
-                 attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2, num_classes=3,
-                 use_scale_shift_norm=True, resblock_updown=True).eval()
-    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([3, 700]), torch.tensor([0, 2])
+    model = randomize_weights(UNet(image_size=16, in_channels=1, model_channels=32, out_channels=2,
+                                   num_res_blocks=1, attention_resolutions=(2,), channel_mult=(1, 2),
+                                   num_heads=2, num_classes=3, use_scale_shift_norm=True,
+                                   resblock_updown=True)).eval()
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(2, 1, 16, 16, generator=g), torch.tensor([3, 700]), torch.tensor([0, 2])
     with torch.no_grad():
         want = model(x, t, y)
-        got = compiled(model)(x, t, y)
+        fn = compiled(model)
+        got = fn(x, t, y)
+        other_labels = fn(x, t, torch.tensor([1, 0]))
+    assert want.abs().max() > 0.05  # random weights: a fresh U-Net would output exactly 0
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (other_labels - want).abs().max() > 1e-3  # the labels reach the output
 
 
 @needs_cpu_kernels

@@ -1,5 +1,6 @@
-"""Sharded sampling under torchrun (gloo on the CPU): the same npz for 1 and 2 processes,
-resume after a crash without recomputing finished chunks, a changed configuration refused."""
+"""Sharded sampling under torchrun (gloo on the CPU) with a randomised model: the same npz for 1 and
+2 processes, equal to a plain sample() (7 samples in chunks of 2: an uneven last chunk), resume
+after a crash without recomputing finished chunks, a changed configuration refused."""
 import os
 import re
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_weights
 
 import ddpm_fast
 
@@ -19,8 +21,8 @@ FLAGS = ("--image_size 8 --num_channels 32 --num_res_blocks 1 --attention_resolu
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
     model, _ = ddpm_fast.from_flags(FLAGS)
+    randomize_weights(model, seed=5)  # a fresh model outputs 0: labels and weights would not matter
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     torch.save(model.state_dict(), path)
     return path
@@ -29,11 +31,14 @@ def checkpoint(tmp_path_factory):
 def _torchrun(nproc, checkpoint, out_dir, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "ddpm_fast.cli", "sample", "--checkpoint", str(checkpoint), "--flags", FLAGS,
-           "--num-samples", "6", "--batch-size", "2", "--chunk-size", "2", "--steps", "5",
+           "--num-samples", str(NUM_SAMPLES), "--batch-size", "2", "--chunk-size", "2", "--steps", "5",
            "--seed", "3", "--out-dir", str(out_dir), "--out", str(out_dir / "samples.npz"),
            "--no-progress", "--grid", "", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+NUM_SAMPLES = 7  # chunks of 2: 0-1, 2-3, 4-5 and the uneven 6
 
 
 def _computed(proc):
@@ -48,11 +53,18 @@ def test_two_processes_give_the_same_npz_as_one(checkpoint, tmp_path):
     a = (tmp_path / "one" / "samples.npz").read_bytes()
     b = (tmp_path / "two" / "samples.npz").read_bytes()
     assert a == b
-    assert _computed(two) == 3 and two.stdout.count("rank ") >= 2
+    assert _computed(two) == 4 and two.stdout.count("rank ") >= 2
     with np.load(tmp_path / "two" / "samples.npz") as data:
-        assert data["arr_0"].shape == (6, 8, 8, 3) and data["arr_0"].dtype == np.uint8
-        assert data["arr_1"].dtype == np.int64
-        assert data["arr_1"].tolist() == [i % 1000 for i in range(6)]
+        images, labels = data["arr_0"], data["arr_1"]
+    assert images.shape == (NUM_SAMPLES, 8, 8, 3) and images.dtype == np.uint8
+    assert labels.dtype == np.int64 and labels.tolist() == [i % 1000 for i in range(NUM_SAMPLES)]
+    # the merged set is a plain sample() of all indices with the same model, seed and labels
+    model, _ = ddpm_fast.from_flags(FLAGS, checkpoint=str(checkpoint))
+    kw = dict(steps="5", num_samples=NUM_SAMPLES, batch_size=2, seed=3, progress=False)
+    plain = ddpm_fast.sample(model.eval(), class_labels=torch.from_numpy(labels), **kw)
+    np.testing.assert_array_equal(images, ddpm_fast.to_images(plain))
+    relabelled = ddpm_fast.sample(model, class_labels=torch.from_numpy(labels) + 10, **kw)
+    assert np.abs(ddpm_fast.to_images(relabelled).astype(int) - images).max() > 8  # labels matter
 
 
 def test_resume_after_a_crash_and_refuse_a_changed_configuration(checkpoint, tmp_path):
@@ -68,7 +80,7 @@ def test_resume_after_a_crash_and_refuse_a_changed_configuration(checkpoint, tmp
     assert "not finished" in part.stdout
     resumed = _torchrun(2, checkpoint, tmp_path / "run")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert _computed(resumed) == 1  # only the missing chunk is sampled
+    assert _computed(resumed) == 2  # only the missing chunks are sampled
     assert re.search(r"skipped 1 finished chunks", resumed.stdout)
     assert (tmp_path / "run" / "samples.npz").read_bytes() == (tmp_path / "ref" / "samples.npz").read_bytes()
     changed = _torchrun(1, checkpoint, tmp_path / "run", "--method", "ddim")

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ddpm_fast
+from conftest import expected_cpu_isa
 from ddpm_fast import ops, reference
 
 HAS_CPU_KERNEL = bool(ddpm_fast.backends()["cpu"])
 needs_cpu_kernel = pytest.mark.skipif(not HAS_CPU_KERNEL, reason="ddpm_fast._C CPU kernels not built")
 
 # fp32: the fused kernels and the reference round differently (the kernels fold everything into
-# one a * x + b per channel); half types: one or two units in the last place of the output.
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5),
-       torch.float16: dict(atol=4e-3, rtol=4e-3),
-       torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
+# one a * x + b per channel). Half types: both compute in fp32 the same way (1e-5 apart) and round
+# to the storage dtype, each by at most u |v| (u its unit roundoff): they may land on neighbouring
+# values, so 2u |v| (one to two ulps) more.
+UNIT_ROUNDOFF = {torch.float32: 0.0, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+TOL = {dtype: dict(atol=1e-5, rtol=1e-5 + 2 * u) for dtype, u in UNIT_ROUNDOFF.items()}
 
 
 def make_inputs(shape, dtype=torch.float32, *, weight=True, bias=True, scale=True, shift=True,
@@ -45,7 +48,7 @@ def tolerance(x, num_groups, w, s, eps):
     value, or of two nearly equal values, rstd approaches 1/sqrt(eps) and the reference itself is
     off by 1e-4 (the bound is an error model, not the oracle: values come from the reference)."""
     tol = dict(TOL[x.dtype])
-    if x.dtype == torch.float32:
+    if x.numel():
         xd = x.double().reshape(x.shape[0], num_groups, -1)
         rstd = (xd.var(dim=-1, unbiased=False) + eps).rsqrt()
         spread = rstd * xd.abs().amax(dim=-1)
@@ -60,6 +63,22 @@ def check(y, x, num_groups, w, b, s, t, silu, eps=1e-5):
     assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
     assert y.stride() == torch.empty_like(x).stride(), "output must be laid out like x"
     torch.testing.assert_close(y.float(), ref.float(), **tolerance(x, num_groups, w, s, eps))
+
+
+def folded_in_half(x, num_groups, w, b, s, t, eps, silu):
+    """A planted wrong kernel: the per-channel fold y = a x + c of GroupNorm, weight, bias and
+    AdaGN (a = rstd w (1 + s), c = (b - mean rstd w) (1 + s) + t) with a and c rounded to x's
+    half dtype before use (everything else fp32). Needs all of w, b, s, t."""
+    n, c = x.shape[:2]
+    xf = x.float()
+    groups = xf.reshape(n, num_groups, -1)
+    mean, rstd = groups.mean(-1), (groups.var(-1, unbiased=False) + eps).rsqrt()
+    mean, rstd = (v.repeat_interleave(c // num_groups, dim=1) for v in (mean, rstd))
+    gain = rstd * w.float() * (1 + s.float())
+    offset = (b.float() - mean * rstd * w.float()) * (1 + s.float()) + t.float()
+    per_channel = (n, c, *[1] * (x.dim() - 2))
+    y = gain.to(x.dtype).float().reshape(per_channel) * xf + offset.to(x.dtype).float().reshape(per_channel)
+    return (F.silu(y) if silu else y).to(x.dtype)
 
 
 def layout(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -168,6 +187,22 @@ def test_cpu_extreme_values_and_eps():
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_cpu_eps_enters_the_normalisation(kind):
+    """Groups whose variance (~0.01) is comparable to eps = 0.1, so x / sqrt(var + eps) differs from
+    x / sqrt(var) by 2x and more: a kernel ignoring eps (or using the default 1e-5) fails; the data
+    are checked to tell them apart (a constant input, where eps cancels, would not)."""
+    x, w, b, s, t = make_inputs((2, 32, 4, 4), seed=6)
+    x = layout(3.0 + 0.1 * x, kind)
+    y = ops.group_norm_scale_shift(x, 8, w, b, s, t, 0.1, True, backend="cpu")
+    check(y, x, 8, w, b, s, t, True, eps=0.1)
+    want = reference.group_norm_scale_shift(x, 8, w, b, s, t, 0.1, True)
+    planted = reference.group_norm_scale_shift(x, 8, w, b, s, t, 1e-5, True)  # eps dropped
+    with pytest.raises(AssertionError, match="Tensor-likes are not close"):
+        torch.testing.assert_close(planted, want, **tolerance(x, 8, w, s, 0.1))
+
+
+@needs_cpu_kernel
 def test_cpu_empty_and_auto_backend():
     x = torch.randn(0, 32, 4, 4)
     assert ops.group_norm_scale_shift(x, 8, backend="cpu").shape == x.shape
@@ -202,6 +237,19 @@ def test_cpu_under_torch_compile():
     for backend in ("aot_eager", "inductor"):
         y = torch.compile(f, backend=backend, fullgraph=True)(x)
         torch.testing.assert_close(y, expected, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,groups", [((2, 64, 16, 16), 32), ((3, 32, 7, 9), 8)], ids=str)
+def test_half_precision_bound_rejects_a_fold_in_half(dtype, shape, groups):
+    """The half-precision bound (2u |v| + 1e-5) on the data of the dtype tests rejects a kernel
+    that keeps its folded per-channel coefficients in the half dtype (>1000 ulps off; the former
+    bound of 4e-3 (fp16) / 2e-2 + 3e-2 (bf16) admitted it)."""
+    x, w, b, s, t = make_inputs(shape, dtype, seed=7)
+    want = reference.group_norm_scale_shift(x, groups, w, b, s, t, 1e-5, True)
+    with pytest.raises(AssertionError, match="not close"):
+        torch.testing.assert_close(folded_in_half(x, groups, w, b, s, t, 1e-5, True).float(), want.float(),
+                                   **tolerance(x, groups, w, s, 1e-5))
 
 
 # ---- argument errors ------------------------------------------------------------------------------
@@ -283,11 +331,11 @@ TRITON_CASES = [
 @pytest.mark.parametrize("split", [False, True], ids=["few_programs", "split_groups"])
 @pytest.mark.parametrize("kind", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("shape,groups", TRITON_CASES, ids=str)
-def test_triton_matches_reference(shape, groups, kind, split, monkeypatch):
+def test_triton_matches_reference(shape, groups, kind, split, monkeypatch, triton_device):
     kernel = _triton_or_skip()
     if split:  # force several programs per group (on the interpreter there is normally one)
         monkeypatch.setattr(kernel, "_target_programs", lambda device: 64)
-    x, w, b, s, t = make_inputs(shape, seed=sum(shape))
+    x, w, b, s, t = make_inputs(shape, seed=sum(shape), device=triton_device)
     x = layout(x, kind)
     y = ops.group_norm_scale_shift(x, groups, w, b, s, t, 1e-5, True, backend="triton")
     check(y, x, groups, w, b, s, t, True)
@@ -296,19 +344,17 @@ def test_triton_matches_reference(shape, groups, kind, split, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("opts", [OPTIONS[0], OPTIONS[6], OPTIONS[9], OPTIONS[-1]],
                          ids=lambda o: "".join(k[0] if v else "-" for k, v in o.items()))
-def test_triton_dtypes_and_options(dtype, opts):
+def test_triton_dtypes_and_options(dtype, opts, triton_device):
     _triton_or_skip()
     for (shape, groups), silu in ((((1, 32, 6, 6), 4), True), (((1, 16, 40, 40), 2), False)):
-        x, w, b, s, t = make_inputs(shape, dtype, **opts, seed=2)
+        x, w, b, s, t = make_inputs(shape, dtype, **opts, seed=2, device=triton_device)
         y = ops.group_norm_scale_shift(x, groups, w, b, s, t, 1e-5, silu, backend="triton")
         check(y, x, groups, w, b, s, t, silu)
 
 
-def test_triton_opcheck_and_compile():
+def test_triton_opcheck_and_compile(triton_device):
     kernel = _triton_or_skip()
-    x, w, b, s, t = make_inputs((2, 32, 5, 6))
-    if torch.cuda.is_available():
-        x, w, s = x.cuda(), w.cuda(), s.cuda()
+    x, w, b, s, t = make_inputs((2, 32, 5, 6), device=triton_device)
     torch.library.opcheck(torch.ops.ddpm_fast.group_norm_scale_shift_triton.default,
                           (x, 8, w, None, s, None, 1e-5, True))
 
@@ -399,6 +445,19 @@ def test_gpu_opcheck_cuda_op():
 
 
 @needs_cpu_kernel
+def test_cpu_isa_is_the_widest_this_cpu_has():
+    """ddpm_fast._C.cpu_isa(), the variant the kernels run, against /proc/cpuinfo's flags."""
+    import os
+
+    from ddpm_fast._registry import extension
+
+    expected = expected_cpu_isa(os.environ.get("DDPM_FAST_CPU_ISA"))
+    if expected is None:
+        pytest.skip("not an x86-64 Linux machine: no /proc/cpuinfo flags to compare with")
+    assert extension()[0].cpu_isa() == expected
+
+
+@needs_cpu_kernel
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_cpu_capped_instruction_sets(isa):
     """The kernel variants this machine would not pick by itself (the AVX-512 SiLU apply is the
@@ -414,6 +473,7 @@ def test_cpu_capped_instruction_sets(isa):
         import sys, torch
         sys.path.insert(0, %r)
         from test_group_norm_scale_shift import make_inputs, check, layout
+        import ddpm_fast._C
         from ddpm_fast import ops
         for shape, groups in (((3, 64, 7, 9), 8), ((2, 40, 5, 3), 8), ((2, 320, 8, 8), 32)):
             for kind in ("nchw", "channels_last"):
@@ -426,8 +486,10 @@ def test_cpu_capped_instruction_sets(isa):
                             20.0, -20.0, 9.0]]]).reshape(1, 1, 17)
         y = ops.group_norm_scale_shift(x, 1, silu=True, backend="cpu")
         check(y, x, 1, None, None, None, None, True)
-        print("ok")
+        print("ok", ddpm_fast._C.cpu_isa())
     """ % os.path.dirname(__file__))
     env = {**os.environ, "DDPM_FAST_CPU_ISA": isa}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]
+    status, ran = result.stdout.split()
+    assert status == "ok" and ran == (expected_cpu_isa(isa) or ran), (isa, ran)

@@ -31,7 +31,7 @@ def test_repaint_schedule_and_model_calls():
     mask = torch.zeros(2, 1, 8, 8)
     mask[..., :4, :] = 1
     ddpm_fast.restore(model, image, mask, diffusion=d, steps=None, jump_length=3, jump_n_sample=2,
-                      progress=False)
+                      reconstruction_guidance=0.0, progress=False)
     # one model call per downward move of the schedule, at that step's (original) timestep
     expected = [a for a, b in zip(sched, sched[1:]) if b < a]
     assert model.seen == expected
@@ -45,6 +45,76 @@ def test_known_pixels_preserved_exactly_and_unknown_generated():
     out = ddpm_fast.restore(Recorder(), image, mask, diffusion=d, steps=None, progress=False)
     assert torch.equal(out[mask.bool()], image[mask.bool()])
     assert (out[~mask.bool()] - image[~mask.bool()]).abs().max() > 0.05
+
+
+def _spy_on_the_loop(monkeypatch):
+    """Record what restore's reverse loop sees at each step: the step index s, x once the known
+    region has been put back (before the model call) and the step id of the step's noise."""
+    import sys
+
+    module = sys.modules["ddpm_fast.restore"]
+    real = module.reverse_loop
+    visits = []
+
+    def spy(fn, plan, x, seeds, *, before_step, **kw):
+        def hooked(x, s):
+            x = before_step(x, s)
+            visits.append(dict(s=s, x=x.clone(), step_id=int(plan.step_ids[s])))
+            return x
+        return real(fn, plan, x, seeds, before_step=hooked, **kw)
+
+    monkeypatch.setattr(module, "reverse_loop", spy)
+    return visits
+
+
+def _restore_in_the_loop(monkeypatch):
+    """Inpaint the left half of two 32x32 images (10 steps, RePaint jumps of 3, 2 passes, no
+    reconstruction guidance) with the loop spied on: (visits, image, known pixels, diffusion)."""
+    visits = _spy_on_the_loop(monkeypatch)
+    d = Diffusion("cosine", 10)
+    model = Recorder()
+    model.image_size = 32
+    g = torch.Generator().manual_seed(4)
+    image = torch.rand(2, 1, 32, 32, generator=g) * 2 - 1
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[..., :, :16] = 1
+    ddpm_fast.restore(model, image, mask, diffusion=d, steps=None, jump_length=3, jump_n_sample=2,
+                      reconstruction_guidance=0.0, seed=5, progress=False)
+    return visits, image, mask.expand_as(image).bool(), d
+
+
+def _known_noise(visit, image, known, diffusion):
+    """z of the known pixels before a step s: x = sqrt(ab_s) image + sqrt(1 - ab_s) z, float64."""
+    ab = diffusion.alphas_cumprod[visit["s"]]
+    return (visit["x"][known].double() - ab.sqrt() * image[known].double()) / (1 - ab).sqrt()
+
+
+def test_inside_the_loop_visit_order_and_known_region_level(monkeypatch):
+    """Inside the loop (not only in the composited result): RePaint's visit order, and before each
+    step s the known pixels are the image forward-noised to that step's level, x = sqrt(ab_s) image
+    + sqrt(1 - ab_s) z with z standard normal and independent of the image."""
+    visits, image, known, d = _restore_in_the_loop(monkeypatch)
+    sched = repaint_schedule(10, 3, 2)
+    assert [v["s"] for v in visits] == [a for a, b in zip(sched, sched[1:]) if b < a]
+    for v in visits:
+        z = _known_noise(v, image, known, d)
+        assert abs(z.mean().item()) < 0.15 and abs(z.std().item() - 1) < 0.1, (v["s"], z.mean(), z.std())
+        assert abs(torch.corrcoef(torch.stack([z, image[known].double()]))[0, 1].item()) < 0.15, v["s"]
+
+
+def test_every_pass_draws_fresh_noise(monkeypatch):
+    """RePaint re-samples: each pass over a step draws new noise, for the step (its own noise
+    step id) and for the forward-noised known region (a new z, uncorrelated with the last)."""
+    visits, image, known, d = _restore_in_the_loop(monkeypatch)
+    assert len({v["step_id"] for v in visits}) == len(visits), "a step id (noise stream) used twice"
+    noise_of = {}
+    for v in visits:
+        noise_of.setdefault(v["s"], []).append(_known_noise(v, image, known, d))
+    revisited = [zs for zs in noise_of.values() if len(zs) > 1]
+    assert revisited
+    for zs in revisited:
+        corr = torch.corrcoef(torch.stack(zs))
+        assert (corr - torch.eye(len(zs), dtype=corr.dtype)).abs().max() < 0.15, "known-region noise reused"
 
 
 def test_strength_starts_part_way():
@@ -190,4 +260,14 @@ def test_cli_restore_writes_a_png_keeping_the_known_pixels(tmp_path):
     assert got.shape == (16, 16)
     # uint8 -> [-1, 1] -> uint8 round trip is exact for the known half
     np.testing.assert_array_equal(got[:8], digit[:8])
+    # the generated half is restore()'s, with the same model, seed and options
+    from ddpm_fast.images import to_images
+    from ddpm_fast.pretrained import load_pretrained
+
+    image = torch.from_numpy(digit.astype(np.float32))[None, None] / 127.5 - 1
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., :8, :] = 1
+    want = ddpm_fast.restore(load_pretrained("digits"), image, mask, steps="4", reconstruction_guidance=10.0,
+                             seed=0, progress=False)
+    np.testing.assert_array_equal(got, to_images(want)[0, ..., 0])
     assert np.abs(got[8:].astype(int) - digit[8:].astype(int)).mean() > 10

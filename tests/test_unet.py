@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_weights as randomize
 
 import ddpm_fast
 from ddpm_fast.unet import AttentionBlock, ResBlock, UNet, timestep_embedding
@@ -23,14 +24,6 @@ def run(model, golden, channels_last=False):
     x = golden["x"].contiguous(memory_format=CL) if channels_last else golden["x"]
     with torch.no_grad():
         return model(x, golden["t"], y=golden["y"])
-
-
-def randomize(model, seed=0, std=0.1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return model
 
 
 # ---- the golden forward ------------------------------------------------------------------------

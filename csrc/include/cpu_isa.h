@@ -27,5 +27,14 @@ inline Level level() {
 #endif
 }
 
+// The name of level(): "avx512", "avx2" or "baseline" (what ddpm_fast._C.cpu_isa() reports).
+inline const char* name() {
+  switch (level()) {
+    case kAvx512: return "avx512";
+    case kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
 }  // namespace cpu_isa
 }  // namespace ddpm_fast
