@@ -8,8 +8,19 @@ new: [q | k | v]), so neither layout is copied; the output is stored straight in
 fp16/bf16 tiles go to tl.dot as they are (fp32 accumulation; the probabilities are rounded to the
 storage dtype for the P V dot, as in flash attention), fp32 tiles use IEEE fp32 dots (no TF32).
 
-On a GPU the tile sizes are autotuned per (T, head dim, dtype); under TRITON_INTERPRET=1 (CPU
-tensors, the tests) one fixed small configuration runs, since autotuning there is slow.
+Programs: one grid axis of cdiv(T, BLOCK_M) x B x heads programs (B x heads on axis 1 would stop
+at 65535); qkv's sample base offset is 64-bit, offsets inside a sample 32-bit (checked). Launches
+run under qkv's device guard. Head dims 1..MAX_HEAD_DIM (256); others raise ValueError.
+
+Tile choice, deterministic: on a GPU the tile (BLOCK_M, BLOCK_N, num_warps, num_stages) comes from
+TILE_TABLE, keyed by (arch: sm_80 family or sm_90+, T bucket: <= 32, <= 128, longer, head-dim tile
+BLOCK_D: <= 64, 128, 256, dtype: fp32 or 16-bit). The online softmax sums keys in BLOCK_N tiles, so
+the tile decides the rounding of every output: a table lookup gives the same tile, hence the same
+images, on every rank and every run, and costs no tuning time. DDPM_FAST_AUTOTUNE=1 instead times
+~50 candidate tiles per (T, head dim, dtype) with triton.autotune on first use and caches the
+winner on disk (Triton's cache directory: TRITON_CACHE_DIR, default ~/.triton/cache); timings are
+noisy, so ranks may then pick different tiles. Under TRITON_INTERPRET=1 (CPU tensors, the tests)
+one fixed small configuration, INTERPRET_CONFIG, runs.
 
 Registered as the torch.library custom op ``ddpm_fast::attention_triton`` with a fake
 implementation, so torch.compile and CUDA-graph capture can trace through it.
@@ -17,12 +28,14 @@ implementation, so torch.compile and CUDA-graph capture can trace through it.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .._registry import triton_interpret
+from ._launch import check_grid, check_sample_numel, device_guard
 
 LOG2E = 1.4426950408889634
 
@@ -40,8 +53,11 @@ def _attention_fwd(qkv, out, T, HEADS, HEAD_DIM, stride_b, stride_c, stride_t,
                    q_chan, k_chan, v_chan, head_chan, channels, scale_log2,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # program pid_m + (b * HEADS + h) * n_m on one grid axis: B x heads may pass axis 1's limit
+    n_m = tl.cdiv(T, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_bh = pid // n_m
+    pid_m = pid - pid_bh * n_m
     b = (pid_bh // HEADS).to(tl.int64)
     h = pid_bh % HEADS
 
@@ -89,7 +105,94 @@ def _attention_fwd(qkv, out, T, HEADS, HEAD_DIM, stride_b, stride_c, stride_t,
              mask=m_ok[:, None] & d_ok[None, :])
 
 
-def _gpu_configs() -> list[triton.Config]:
+MAX_HEAD_DIM = 256  # the largest head dim the tile table covers (BLOCK_D 256)
+T_BUCKETS = (32, 128)  # T <= 32, T <= 128, longer
+D_BUCKETS = (64, 128, 256)  # BLOCK_D = next power of 2 of the head dim (>= 16), up to 64, 128, 256
+ARCHS = (80, 90)  # sm_80..sm_89 (<= 99 KiB shared memory per block on sm_86/89), sm_90 and newer
+
+# The tile of every launch: (arch, T bucket, BLOCK_D bucket, dtype) -> (BLOCK_M, BLOCK_N, num_warps,
+# num_stages); T bucket 0 is T > 128. "16" is fp16/bf16 (tensor-core dots), "32" fp32 (IEEE fp32
+# dots on CUDA cores, whose operand layouts take many more registers: small tiles). Each entry is
+# the largest tile of the candidates tried that compiles for sm_80 and sm_90 without register spills
+# in the costliest layout (legacy qkv, T contiguous, bf16) -- tests/test_offline_compile.py checks
+# that every entry still does. Not yet timed on a GPU: the two archs share their entries until
+# someone measures; DDPM_FAST_AUTOTUNE=1 times the candidates instead.
+TILE_TABLE: dict[tuple[int, int, int, str], tuple[int, int, int, int]] = {
+    (80, 32, 64, "16"): (32, 32, 4, 2),
+    (80, 32, 128, "16"): (32, 32, 8, 2),
+    (80, 32, 256, "16"): (32, 32, 8, 1),
+    (80, 128, 64, "16"): (64, 32, 4, 2),
+    (80, 128, 128, "16"): (32, 32, 8, 2),
+    (80, 128, 256, "16"): (32, 32, 8, 1),
+    (80, 0, 64, "16"): (128, 32, 8, 2),
+    (80, 0, 128, "16"): (64, 32, 8, 2),
+    (80, 0, 256, "16"): (32, 32, 8, 1),
+    (80, 32, 64, "32"): (32, 32, 4, 2),
+    (80, 32, 128, "32"): (16, 16, 4, 1),
+    (80, 32, 256, "32"): (16, 16, 4, 1),
+    (80, 128, 64, "32"): (32, 32, 4, 2),
+    (80, 128, 128, "32"): (16, 16, 4, 1),
+    (80, 128, 256, "32"): (16, 16, 4, 1),
+    (80, 0, 64, "32"): (32, 32, 4, 2),
+    (80, 0, 128, "32"): (16, 16, 4, 1),
+    (80, 0, 256, "32"): (16, 16, 4, 1),
+    (90, 32, 64, "16"): (32, 32, 4, 2),
+    (90, 32, 128, "16"): (32, 32, 8, 2),
+    (90, 32, 256, "16"): (32, 32, 8, 1),
+    (90, 128, 64, "16"): (64, 32, 4, 2),
+    (90, 128, 128, "16"): (32, 32, 8, 2),
+    (90, 128, 256, "16"): (32, 32, 8, 1),
+    (90, 0, 64, "16"): (128, 32, 8, 2),
+    (90, 0, 128, "16"): (64, 32, 8, 2),
+    (90, 0, 256, "16"): (32, 32, 8, 1),
+    (90, 32, 64, "32"): (32, 32, 4, 2),
+    (90, 32, 128, "32"): (16, 16, 4, 1),
+    (90, 32, 256, "32"): (16, 16, 4, 1),
+    (90, 128, 64, "32"): (32, 32, 4, 2),
+    (90, 128, 128, "32"): (16, 16, 4, 1),
+    (90, 128, 256, "32"): (16, 16, 4, 1),
+    (90, 0, 64, "32"): (32, 32, 4, 2),
+    (90, 0, 128, "32"): (16, 16, 4, 1),
+    (90, 0, 256, "32"): (16, 16, 4, 1),
+}
+
+
+def block_d(head_dim: int) -> int:
+    """The head-dim tile: the next power of 2 of head_dim, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def check_head_dim(head_dim: int) -> None:
+    """ValueError for a head dim the kernel has no tile for (rather than a resource failure)."""
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"backend='triton' attention supports head dims C/num_heads from 1 to "
+                         f"{MAX_HEAD_DIM}; got {head_dim} (use backend='torch', or more heads)")
+
+
+def table_key(capability: int, t: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, str]:
+    """The TILE_TABLE key of a launch: capability 80, 86, 90, ... (major * 10 + minor), the
+    sequence length T, the head dim and qkv's dtype."""
+    check_head_dim(head_dim)
+    arch = 90 if capability >= 90 else 80
+    bucket = next((b for b in T_BUCKETS if t <= b), 0)
+    d = next(b for b in D_BUCKETS if block_d(head_dim) <= b)
+    return arch, bucket, d, "32" if dtype == torch.float32 else "16"
+
+
+def tile_config(capability: int, t: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Launch parameters {BLOCK_M, BLOCK_N, num_warps, num_stages} from TILE_TABLE: a function of
+    its arguments alone, so every rank and every run of one GPU model computes the same way."""
+    block_m, block_n, warps, stages = TILE_TABLE[table_key(capability, t, head_dim, dtype)]
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+
+
+def autotune_requested() -> bool:
+    """DDPM_FAST_AUTOTUNE=1: time the candidate tiles on first use of each (T, head dim, dtype)."""
+    return os.environ.get("DDPM_FAST_AUTOTUNE", "0") == "1"
+
+
+def _candidate_configs() -> list[triton.Config]:
+    """What DDPM_FAST_AUTOTUNE=1 times: tile sizes x (warps, stages), pruned per launch."""
     configs = []
     for block_m in (16, 32, 64, 128):
         for block_n in (16, 32, 64, 128):
@@ -105,16 +208,18 @@ def _prune_configs(configs, named_args, **kwargs):
     """Drop tiles much larger than T (T = 16 has no use for 128-query tiles) and tiles whose
     register/shared footprint is excessive for wide heads."""
     t = named_args["T"]
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    width = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
     cap = max(16, triton.next_power_of_2(t))
     kept = [c for c in configs
             if c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap
-            and not (block_d >= 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 64)]
+            and not (width >= 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 64)]
     return kept or configs[:1]
 
 
+# Only with DDPM_FAST_AUTOTUNE=1. cache_results: the timings are stored in Triton's cache directory
+# (TRITON_CACHE_DIR, default ~/.triton/cache) and reused by later processes.
 _attention_fwd_tuned = triton.autotune(
-    configs=_gpu_configs(), key=["T", "HEAD_DIM"],
+    configs=_candidate_configs(), key=["T", "HEAD_DIM"], cache_results=True,
     prune_configs_by={"early_config_prune": _prune_configs})(_attention_fwd)
 
 # The one configuration used under TRITON_INTERPRET=1: small tiles, so T = 64 spans several key
@@ -124,31 +229,43 @@ INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
+def dot_constexprs(dtype: torch.dtype, head_dim: int, interpret: bool) -> dict:
+    """The kernel's non-tile constexprs for qkv of `dtype`: BLOCK_D, DOT_DTYPE, DOT_PRECISION."""
+    # The interpreter's tl.dot mishandles bf16 operands (numpy has no bf16): there the bf16 tiles
+    # are widened to fp32 first (exact), which gives the same products as the GPU's bf16 dot.
+    widen = interpret and dtype == torch.bfloat16
+    return {"BLOCK_D": block_d(head_dim),
+            "DOT_DTYPE": tl.float32 if widen else _TL_DTYPES[dtype],
+            "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+
+
 def _launch(qkv: torch.Tensor, num_heads: int, legacy: bool) -> torch.Tensor:
     b, width, t = qkv.shape
     channels = width // 3
     head_dim = channels // num_heads
-    out = torch.empty((b, channels, t), device=qkv.device, dtype=qkv.dtype)
-    if out.numel() == 0:
-        return out
-    q_chan, k_chan, v_chan, head_chan = qkv_channels(channels, head_dim, legacy)
-    args = (qkv, out, t, num_heads, head_dim, *qkv.stride(), q_chan, k_chan, v_chan, head_chan,
-            channels, LOG2E / math.sqrt(head_dim))
-    interpret = triton_interpret() or qkv.device.type != "cuda"
-    # The interpreter's tl.dot mishandles bf16 operands (numpy has no bf16): there the bf16 tiles
-    # are widened to fp32 first (exact), which gives the same products as the GPU's bf16 dot.
-    widen = interpret and qkv.dtype == torch.bfloat16
-    common = {"BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
-              "DOT_DTYPE": tl.float32 if widen else _TL_DTYPES[qkv.dtype],
-              "DOT_PRECISION": "ieee" if qkv.dtype == torch.float32 else "tf32"}
-    if interpret:
-        grid = (triton.cdiv(t, INTERPRET_CONFIG["BLOCK_M"]), b * num_heads)
-        _attention_fwd[grid](*args, **INTERPRET_CONFIG, **common)
-    else:
-        def grid(meta):
-            return (triton.cdiv(t, meta["BLOCK_M"]), b * num_heads)
-        with torch.cuda.device(qkv.device):
+    check_head_dim(head_dim)
+    check_sample_numel("qkv", width * t)
+    with device_guard(qkv):
+        out = torch.empty((b, channels, t), device=qkv.device, dtype=qkv.dtype)
+        if out.numel() == 0:
+            return out
+        q_chan, k_chan, v_chan, head_chan = qkv_channels(channels, head_dim, legacy)
+        args = (qkv, out, t, num_heads, head_dim, *qkv.stride(), q_chan, k_chan, v_chan, head_chan,
+                channels, LOG2E / math.sqrt(head_dim))
+        interpret = triton_interpret() or qkv.device.type != "cuda"
+        common = dot_constexprs(qkv.dtype, head_dim, interpret)
+        if interpret:
+            tile = INTERPRET_CONFIG
+        elif autotune_requested():
+            def grid(meta):
+                return check_grid("qkv", (triton.cdiv(t, meta["BLOCK_M"]) * b * num_heads,))
             _attention_fwd_tuned[grid](*args, **common)
+            return out
+        else:
+            major, minor = torch.cuda.get_device_capability(qkv.device)
+            tile = tile_config(10 * major + minor, t, head_dim, qkv.dtype)
+        grid = check_grid("qkv", (triton.cdiv(t, tile["BLOCK_M"]) * b * num_heads,))
+        _attention_fwd[grid](*args, **tile, **common)
     return out
 
 
@@ -161,6 +278,7 @@ def attention_op(qkv: torch.Tensor, num_heads: int, legacy: bool) -> torch.Tenso
 @attention_op.register_fake
 def _attention_fake(qkv, num_heads, legacy):
     b, width, t = qkv.shape
+    check_head_dim(width // 3 // num_heads)
     return qkv.new_empty((b, width // 3, t))
 
 

@@ -6,11 +6,14 @@ used). Coefficient columns and option codes mirror ddpm_fast/step_layout.py; the
 construction of ddpm_fast/philox.py (Philox4x32-10 rounds written out with tl.umulhi, Box-Muller
 with tl.log / tl.sqrt / tl.cos / tl.sin).
 
-Programs: grid (chunks, B). No projection and "sample" handle BLOCK_Q Philox blocks = 4 * BLOCK_Q
-consecutive elements of one sample as a (BLOCK_Q, 4) tile (the 4 lanes of a Philox block side by
-side). "sample" runs two kernels: partial sums per program, then each program reduces its sample's
-partials and recomputes its tile. "pixel" handles BLOCK_P pixels x all channels as a (C, BLOCK_P)
-tile (norms over axis 0); its noise evaluates one Philox block per element.
+Programs: one grid axis, (programs per sample) x B, program i + b * (programs per sample). No
+projection and "sample" handle BLOCK_Q Philox blocks = 4 * BLOCK_Q consecutive elements of one
+sample as a (BLOCK_Q, 4) tile (the 4 lanes of a Philox block side by side). "sample" runs two
+kernels: partial sums per program, then each program reduces its sample's partials (in a fixed
+order) and recomputes its tile. "pixel" handles BLOCK_P pixels x all channels as a (C, BLOCK_P)
+tile (norms over axis 0, BLOCK_C * BLOCK_P <= PIXEL_TILE); its noise evaluates one Philox block
+per element. A sample's base offset is 64-bit, offsets inside a sample 32-bit (checked). Launches
+run under x's device guard.
 """
 from __future__ import annotations
 
@@ -20,45 +23,50 @@ import torch
 import triton
 import triton.language as tl
 
+from ddpm_fast import step_layout as layout
 from ddpm_fast.philox import NOISE_STREAM
 
-# ---- ddpm_fast/step_layout.py ----------------------------------------------------------------------
-SQRT_RECIP_AB: tl.constexpr = 0
-SQRT_RECIPM1_AB: tl.constexpr = 1
-SQRT_AB: tl.constexpr = 2
-SQRT_1M_AB: tl.constexpr = 3
-POST_COEF1: tl.constexpr = 4
-POST_COEF2: tl.constexpr = 5
-LOG_VAR_MIN: tl.constexpr = 6
-LOG_VAR_MAX: tl.constexpr = 7
-VARIANCE: tl.constexpr = 8
-SQRT_AB_PREV: tl.constexpr = 9
-DDIM_DIR: tl.constexpr = 10
-DDIM_SIGMA: tl.constexpr = 11
-NONZERO: tl.constexpr = 12
-NUM_COEFS: tl.constexpr = 13
-# option codes: index in step_layout's METHODS, PREDICTIONS, VARIANCES, NOISE_MODES, PROJECTIONS
-DDPM: tl.constexpr = 0
-EPSILON: tl.constexpr = 0
-PRED_X0: tl.constexpr = 1
-PRED_V: tl.constexpr = 2
-FIXED_SMALL: tl.constexpr = 0
-FIXED_LARGE: tl.constexpr = 1
-LEARNED_RANGE: tl.constexpr = 2
-NOISE_NORMAL: tl.constexpr = 0
-NOISE_SQUARED: tl.constexpr = 1
-PROJECT_PIXEL = 1
-PROJECT_SAMPLE = 2
-# where the noise comes from (launcher-side)
-NOISE_NONE: tl.constexpr = 0
-NOISE_GIVEN: tl.constexpr = 1
-NOISE_DRAWN: tl.constexpr = 2
-# kernel modes
-PLAIN: tl.constexpr = 0
-STATS: tl.constexpr = 1
-APPLY: tl.constexpr = 2
+from ._launch import check_grid, check_sample_numel, device_guard
 
-STREAM: tl.constexpr = NOISE_STREAM
+# ---- ddpm_fast/step_layout.py as Triton constants ----------------------------------------------------
+# A global a @triton.jit function reads must be a tl.constexpr *instance*: the code generator rejects
+# plain Python ints and the `NAME: tl.constexpr = value` annotation form (the interpreter accepts
+# both, so only a GPU compile -- tests/test_offline_compile.py -- sees the difference).
+SQRT_RECIP_AB = tl.constexpr(layout.SQRT_RECIP_AB)
+SQRT_RECIPM1_AB = tl.constexpr(layout.SQRT_RECIPM1_AB)
+SQRT_AB = tl.constexpr(layout.SQRT_AB)
+SQRT_1M_AB = tl.constexpr(layout.SQRT_1M_AB)
+POST_COEF1 = tl.constexpr(layout.POST_COEF1)
+POST_COEF2 = tl.constexpr(layout.POST_COEF2)
+LOG_VAR_MIN = tl.constexpr(layout.LOG_VAR_MIN)
+LOG_VAR_MAX = tl.constexpr(layout.LOG_VAR_MAX)
+VARIANCE = tl.constexpr(layout.VARIANCE)
+SQRT_AB_PREV = tl.constexpr(layout.SQRT_AB_PREV)
+DDIM_DIR = tl.constexpr(layout.DDIM_DIR)
+DDIM_SIGMA = tl.constexpr(layout.DDIM_SIGMA)
+NONZERO = tl.constexpr(layout.NONZERO)
+NUM_COEFS = tl.constexpr(layout.NUM_COEFS)
+# option codes: index in step_layout's METHODS, PREDICTIONS, VARIANCES, NOISE_MODES, PROJECTIONS
+DDPM = tl.constexpr(layout.METHODS.index("ddpm"))
+EPSILON = tl.constexpr(layout.PREDICTIONS.index("epsilon"))
+PRED_V = tl.constexpr(layout.PREDICTIONS.index("v"))
+FIXED_SMALL = tl.constexpr(layout.VARIANCES.index("fixed_small"))
+FIXED_LARGE = tl.constexpr(layout.VARIANCES.index("fixed_large"))
+LEARNED_RANGE = tl.constexpr(layout.VARIANCES.index("learned_range"))
+NOISE_NORMAL = tl.constexpr(layout.NOISE_MODES.index("normal"))
+NOISE_SQUARED = tl.constexpr(layout.NOISE_MODES.index("squared"))
+PROJECT_PIXEL = layout.PROJECTIONS.index("pixel")    # launcher-side only
+PROJECT_SAMPLE = layout.PROJECTIONS.index("sample")
+# where the noise comes from (launcher-side codes, kernel constexpr NOISE_SRC)
+NOISE_NONE = tl.constexpr(0)
+NOISE_GIVEN = tl.constexpr(1)
+NOISE_DRAWN = tl.constexpr(2)
+# kernel modes (constexpr MODE of _step_kernel)
+PLAIN = tl.constexpr(0)
+STATS = tl.constexpr(1)
+APPLY = tl.constexpr(2)
+
+STREAM = tl.constexpr(NOISE_STREAM)
 
 
 # ---- noise: ddpm_fast/philox.py's construction -------------------------------------------------------
@@ -239,9 +247,11 @@ def _step_kernel(x_ptr, mo_ptr, noise_ptr, grad_ptr, coef_ptr, seed_ptr, step_pt
                  HAS_GRAD: tl.constexpr, NOISE_SRC: tl.constexpr, HAS_CLIP: tl.constexpr,
                  RETURN_X0: tl.constexpr, MODE: tl.constexpr, BLOCK_Q: tl.constexpr,
                  PARTIALS: tl.constexpr):
-    """No projection (MODE PLAIN) or the two passes of the sample projection (STATS, APPLY)."""
-    chunk = tl.program_id(0)
-    b = tl.program_id(1)
+    """No projection (MODE PLAIN) or the two passes of the sample projection (STATS, APPLY).
+    Program chunk + b * n_chunks (one grid axis: a batch never meets axis 1's 65535 limit)."""
+    pid = tl.program_id(0)
+    b = pid // n_chunks
+    chunk = pid - b * n_chunks
     q = chunk * BLOCK_Q + tl.arange(0, BLOCK_Q)
     lane = tl.arange(0, 4)
     idx = q[:, None] * 4 + lane[None, :]
@@ -257,11 +267,17 @@ def _step_kernel(x_ptr, mo_ptr, noise_ptr, grad_ptr, coef_ptr, seed_ptr, step_pt
         tl.store(slot + 1, tl.sum(tl.sum(e * e, axis=1), axis=0))
     else:
         if MODE == APPLY:
+            # the sample's partial sums, PARTIALS at a time (a fixed order: the same on every run)
             j = tl.arange(0, PARTIALS)
-            valid = j < n_chunks
-            rows = partial_ptr + (b * n_chunks + j) * 2
-            radius2 = tl.sum(tl.load(rows, mask=valid, other=0.0), axis=0)
-            length2 = tl.sum(tl.load(rows + 1, mask=valid, other=0.0), axis=0)
+            radius2_acc = tl.zeros([PARTIALS], tl.float32)
+            length2_acc = tl.zeros([PARTIALS], tl.float32)
+            for j0 in range(0, n_chunks, PARTIALS):
+                valid = j0 + j < n_chunks
+                rows = partial_ptr + (b * n_chunks + j0 + j) * 2
+                radius2_acc += tl.load(rows, mask=valid, other=0.0)
+                length2_acc += tl.load(rows + 1, mask=valid, other=0.0)
+            radius2 = tl.sum(radius2_acc, axis=0)
+            length2 = tl.sum(length2_acc, axis=0)
             factor = tl.where(length2 > 0, tl.sqrt(radius2) / tl.sqrt(tl.where(length2 > 0, length2, 1.0)), 0.0)
             x_new = x0 + factor * (x_new - x0)
         base = b.to(tl.int64) * numel
@@ -273,14 +289,16 @@ def _step_kernel(x_ptr, mo_ptr, noise_ptr, grad_ptr, coef_ptr, seed_ptr, step_pt
 
 @triton.jit
 def _pixel_kernel(x_ptr, mo_ptr, noise_ptr, grad_ptr, coef_ptr, seed_ptr, step_ptr, out_ptr, x0_ptr,
-                  numel, mo_stride, pixels, channels, clip_lo, clip_hi,
+                  numel, mo_stride, pixels, channels, clip_lo, clip_hi, n_blocks,
                   METHOD: tl.constexpr, PREDICTION: tl.constexpr, VARIANCE_CODE: tl.constexpr,
                   CLIP_DENOISED: tl.constexpr, NOISE_MODE: tl.constexpr, EPS_FROM_X0: tl.constexpr,
                   HAS_GRAD: tl.constexpr, NOISE_SRC: tl.constexpr, HAS_CLIP: tl.constexpr,
                   RETURN_X0: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """The pixel projection: a (channels, BLOCK_P pixels) tile, norms over the channels."""
-    b = tl.program_id(1)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    """The pixel projection: a (channels, BLOCK_P pixels) tile, norms over the channels.
+    Program block + b * n_blocks."""
+    pid = tl.program_id(0)
+    b = pid // n_blocks
+    p = (pid - b * n_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.arange(0, BLOCK_C)
     idx = c[:, None] * pixels + p[None, :]
     mask = (c[:, None] < channels) & (p[None, :] < pixels)
@@ -300,8 +318,9 @@ def _pixel_kernel(x_ptr, mo_ptr, noise_ptr, grad_ptr, coef_ptr, seed_ptr, step_p
         tl.store(x0_ptr + base + idx, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
-BLOCK_Q = 256  # Philox blocks (x 4 elements) per program
-BLOCK_P = 256  # pixels per program of the pixel projection
+BLOCK_Q = 256       # Philox blocks (x 4 elements) per program
+PIXEL_TILE = 1024   # elements of the pixel projection's (BLOCK_C, BLOCK_P) tile: BLOCK_P = 256 up to 4 channels
+PARTIALS_MAX = 1024  # partial sums a program of the sample projection's APPLY pass reads at a time
 
 
 @torch.library.custom_op("ddpm_fast::diffusion_step_triton", mutates_args=())
@@ -311,48 +330,53 @@ def diffusion_step(x: torch.Tensor, model_output: torch.Tensor, coef: torch.Tens
                    clip_denoised: bool, noise_mode: int, project_noise: int, clip_lo: float | None,
                    clip_hi: float | None, eps_from_x0: bool, return_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The contract of torch.ops.ddpm_fast.diffusion_step (csrc/ops.cpp) in Triton; arguments are
-    checked by ddpm_fast.ops.diffusion_step. Returns (x_prev, pred_x0 or an empty tensor)."""
-    x_c = x.contiguous()
-    mo = model_output.contiguous()
-    coef32 = coef.to(torch.float32).contiguous()
+    checked by ddpm_fast.ops.diffusion_step. Returns (x_prev, pred_x0 or an empty tensor).
+    Runs on x's device (its device guard), one grid axis of (programs per sample) x B."""
     batch, channels = x.shape[:2]
     numel = math.prod(x.shape[1:])
     pixels = numel // channels if channels else 0
-    if numel >= 2**31:
-        raise ValueError(f"the Triton kernel handles samples of fewer than 2^31 elements; got {numel}")
-    out = torch.empty_like(x_c)
-    x0 = torch.empty_like(x_c) if return_x0 else x.new_empty((0,))
-    if batch == 0 or numel == 0:
-        return out, x0
-    noise_c = noise.contiguous() if noise is not None else x_c
-    grad_c = guidance_grad.contiguous() if guidance_grad is not None else x_c
-    seed_c = seed.contiguous() if seed is not None else coef32
-    step_c = step if step is not None else coef32
-    noise_src = 2 if seed is not None else (1 if noise is not None else 0)
-    has_clip = clip_lo is not None
-    options = dict(METHOD=method, PREDICTION=prediction, VARIANCE_CODE=variance,
-                   CLIP_DENOISED=clip_denoised, NOISE_MODE=noise_mode, EPS_FROM_X0=eps_from_x0,
-                   HAS_GRAD=guidance_grad is not None, NOISE_SRC=noise_src, HAS_CLIP=has_clip,
-                   RETURN_X0=return_x0)
-    lo = float(clip_lo) if has_clip else 0.0
-    hi = float(clip_hi) if has_clip else 0.0
-    x0_arg = x0 if return_x0 else out
-    pointers = (x_c, mo, noise_c, grad_c, coef32, seed_c, step_c, out, x0_arg)
-    if project_noise == PROJECT_PIXEL:
-        grid = (triton.cdiv(pixels, BLOCK_P), batch)
-        _pixel_kernel[grid](*pointers, numel, mo.shape[1] * pixels, pixels, channels, lo, hi,
-                            BLOCK_C=triton.next_power_of_2(channels), BLOCK_P=BLOCK_P, **options)
-        return out, x0
-    chunks = triton.cdiv(numel, 4 * BLOCK_Q)
-    grid = (chunks, batch)
-    sizes = (numel, mo.shape[1] * pixels, lo, hi, chunks)
-    if project_noise == PROJECT_SAMPLE:
-        partial = torch.empty((batch, chunks, 2), dtype=torch.float32, device=x.device)
-        for mode in (STATS, APPLY):
-            _step_kernel[grid](*pointers, partial, *sizes, MODE=mode, BLOCK_Q=BLOCK_Q,
-                               PARTIALS=triton.next_power_of_2(chunks), **options)
-    else:
-        _step_kernel[grid](*pointers, None, *sizes, MODE=PLAIN, BLOCK_Q=BLOCK_Q, PARTIALS=1, **options)
+    check_sample_numel("x (with model_output's variance channels)", numel * (2 if model_output.shape[1] != channels else 1))
+    with device_guard(x):
+        x_c = x.contiguous()
+        mo = model_output.contiguous()
+        coef32 = coef.to(torch.float32).contiguous()
+        out = torch.empty_like(x_c)
+        x0 = torch.empty_like(x_c) if return_x0 else x.new_empty((0,))
+        if batch == 0 or numel == 0:
+            return out, x0
+        noise_c = noise.contiguous() if noise is not None else x_c
+        grad_c = guidance_grad.contiguous() if guidance_grad is not None else x_c
+        seed_c = seed.contiguous() if seed is not None else coef32
+        step_c = step if step is not None else coef32
+        noise_src = NOISE_DRAWN if seed is not None else (NOISE_GIVEN if noise is not None else NOISE_NONE)
+        has_clip = clip_lo is not None
+        options = dict(METHOD=method, PREDICTION=prediction, VARIANCE_CODE=variance,
+                       CLIP_DENOISED=clip_denoised, NOISE_MODE=noise_mode, EPS_FROM_X0=eps_from_x0,
+                       HAS_GRAD=guidance_grad is not None, NOISE_SRC=noise_src.value, HAS_CLIP=has_clip,
+                       RETURN_X0=return_x0)
+        lo = float(clip_lo) if has_clip else 0.0
+        hi = float(clip_hi) if has_clip else 0.0
+        x0_arg = x0 if return_x0 else out
+        pointers = (x_c, mo, noise_c, grad_c, coef32, seed_c, step_c, out, x0_arg)
+        if project_noise == PROJECT_PIXEL:
+            block_c = triton.next_power_of_2(channels)
+            block_p = max(1, min(256, PIXEL_TILE // block_c))
+            blocks = triton.cdiv(pixels, block_p)
+            grid = check_grid("x", (blocks * batch,))
+            _pixel_kernel[grid](*pointers, numel, mo.shape[1] * pixels, pixels, channels, lo, hi, blocks,
+                                BLOCK_C=block_c, BLOCK_P=block_p, **options)
+            return out, x0
+        chunks = triton.cdiv(numel, 4 * BLOCK_Q)
+        grid = check_grid("x", (chunks * batch,))
+        sizes = (numel, mo.shape[1] * pixels, lo, hi, chunks)
+        if project_noise == PROJECT_SAMPLE:
+            partial = torch.empty((batch, chunks, 2), dtype=torch.float32, device=x.device)
+            for mode in (STATS, APPLY):
+                _step_kernel[grid](*pointers, partial, *sizes, MODE=mode.value, BLOCK_Q=BLOCK_Q,
+                                   PARTIALS=min(PARTIALS_MAX, triton.next_power_of_2(chunks)), **options)
+        else:
+            _step_kernel[grid](*pointers, None, *sizes, MODE=PLAIN.value, BLOCK_Q=BLOCK_Q, PARTIALS=1,
+                               **options)
     return out, x0
 
 

@@ -11,6 +11,9 @@ x is viewed as (N, C, P) with P the flattened spatial dims and strides (s_n, s_c
     (n*G + g, pixel block)) adds the group's partials up and writes
     y = a * x + b (+ SiLU) with a, b folded per channel.
 
+A sample's base offset n * s_n is 64-bit (batches past 2^31 elements), offsets inside a sample
+32-bit (checked: at most 2^31 - 1 elements per sample); the launches run under x's device guard.
+
 Registered as the torch.library op ddpm_fast::group_norm_scale_shift_triton (see OP_NAME below);
 `group_norm_scale_shift` is what ddpm_fast.ops calls. Runs on
 CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1.
@@ -22,6 +25,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from triton.runtime.jit import JITFunction
+
+from ._launch import check_grid, check_sample_numel, device_guard
 
 FUSED_MAX_ELEMENTS = 4096  # largest (power-of-2 padded) group tile of the one-launch path
 BLOCK_P_MAX = 1024         # pixels per tile in the two-kernel path
@@ -72,8 +77,9 @@ def _fused_kernel(x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
     cc = g * CG + cj
     cmask = cj < CG
     mask = cmask[:, None] & (pp[None, :] < P)
-    offs = n * s_n + cc[:, None] * s_c + pp[None, :] * s_p
-    v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    sample = n.to(tl.int64) * s_n
+    offs = cc[:, None] * s_c + pp[None, :] * s_p
+    v = tl.load(x_ptr + sample + offs, mask=mask, other=0.0).to(tl.float32)
     count = CG * P
     mean = tl.sum(tl.sum(v, axis=1), axis=0) / count
     d = tl.where(mask, v - mean, 0.0)
@@ -82,7 +88,7 @@ def _fused_kernel(x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
     a, b = _coefficients(mean, rstd, w_ptr, b_ptr, scale_ptr, shift_ptr, n, cc, cmask, C,
                          HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT)
     y = _finish(v, a, b, SILU)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + sample + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -95,7 +101,7 @@ def _moments_kernel(x_ptr, partial_ptr, P, G, CG, s_n, s_c, s_p, SPLIT_P,
     split = tl.program_id(1)
     n = ng // G
     g = ng % G
-    base = x_ptr + n * s_n + g * CG * s_c
+    base = x_ptr + n.to(tl.int64) * s_n + g * CG * s_c
     x0 = tl.load(base).to(tl.float32)
     cj = tl.arange(0, BLOCK_C)
     pj = tl.arange(0, BLOCK_P)
@@ -140,8 +146,8 @@ def _apply_kernel(x_ptr, y_ptr, partial_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
     count = CG * P
     m_shifted = tl.sum(s1, axis=0) / count
     var = tl.maximum(tl.sum(s2, axis=0) / count - m_shifted * m_shifted, 0.0)
-    base = n * s_n + g * CG * s_c
-    mean = tl.load(x_ptr + base).to(tl.float32) + m_shifted
+    sample = n.to(tl.int64) * s_n
+    mean = tl.load(x_ptr + sample + g * CG * s_c).to(tl.float32) + m_shifted
     rstd = 1.0 / tl.sqrt(var + eps)
     cj = tl.arange(0, BLOCK_C)
     pp = pb * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -152,10 +158,10 @@ def _apply_kernel(x_ptr, y_ptr, partial_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
         a, b = _coefficients(mean, rstd, w_ptr, b_ptr, scale_ptr, shift_ptr, n, cc, cmask, C,
                              HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT)
         mask = cmask[:, None] & pmask[None, :]
-        offs = n * s_n + cc[:, None] * s_c + pp[None, :] * s_p
-        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        offs = cc[:, None] * s_c + pp[None, :] * s_p
+        v = tl.load(x_ptr + sample + offs, mask=mask, other=0.0).to(tl.float32)
         y = _finish(v, a, b, SILU)
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + sample + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _is_channels_last_dense(t: torch.Tensor) -> bool:
@@ -191,13 +197,20 @@ def _target_programs(device: torch.device) -> int:
 
 
 def _launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
-                              bias: torch.Tensor | None, scale: torch.Tensor | None,
-                              shift: torch.Tensor | None, eps: float, silu: bool) -> torch.Tensor:
+            bias: torch.Tensor | None, scale: torch.Tensor | None,
+            shift: torch.Tensor | None, eps: float, silu: bool) -> torch.Tensor:
+    """The op's body: plan the layout and launch the kernels under x's device guard."""
+    with device_guard(x):
+        return _launch_on_device(x, num_groups, weight, bias, scale, shift, eps, silu)
+
+
+def _launch_on_device(x, num_groups, weight, bias, scale, shift, eps, silu):
     n, c = x.shape[0], x.shape[1]
     xin, result, out, channels_last = _plan_layout(x)
     if x.numel() == 0:
         return out
     p = x.numel() // (n * c)
+    check_sample_numel("x", c * p)
     g = num_groups
     cg = c // g
     s_n, s_c, s_p = (p * c, 1, c) if channels_last else (c * p, p, 1)
@@ -206,7 +219,7 @@ def _launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
                  HAS_SCALE=params[2] is not None, HAS_SHIFT=params[3] is not None, SILU=silu)
     ptrs = [t if t is not None else xin for t in params]  # placeholders are never read
     if triton.next_power_of_2(cg) * triton.next_power_of_2(p) <= FUSED_MAX_ELEMENTS:
-        wrap_triton(_fused_kernel)[(n * g,)](
+        wrap_triton(_fused_kernel)[check_grid("x", (n * g,))](
             xin, result, *ptrs, c, p, g, cg, s_n, s_c, s_p, eps, **flags,
             BLOCK_C=triton.next_power_of_2(cg), BLOCK_P=triton.next_power_of_2(p))
     else:
@@ -216,10 +229,11 @@ def _launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
         splits = min(triton.cdiv(p, block_p), want_splits)
         split_p = triton.cdiv(triton.cdiv(p, splits), block_p) * block_p
         splits = triton.cdiv(p, split_p)
+        apply_grid = check_grid("x", (n * g, triton.cdiv(p, block_p)))
         partial = torch.empty((n * g, splits, 2), dtype=torch.float32, device=x.device)
         wrap_triton(_moments_kernel)[(n * g, splits)](
             xin, partial, p, g, cg, s_n, s_c, s_p, split_p, BLOCK_C=block_c, BLOCK_P=block_p)
-        wrap_triton(_apply_kernel)[(n * g, triton.cdiv(p, block_p))](
+        wrap_triton(_apply_kernel)[apply_grid](
             xin, result, partial, *ptrs, c, p, g, cg, s_n, s_c, s_p, splits, eps, **flags,
             BLOCK_C=block_c, BLOCK_P=block_p, BLOCK_S=min(64, triton.next_power_of_2(splits)))
     if result is not out:
