@@ -1,9 +1,10 @@
-"""U-Net forward on the CPU: ddpm_fast's model (fused ops, channels_last, prepacked oneDNN convs,
+"""U-Net forward: ddpm_fast's model (fused ops, channels_last, prepacked oneDNN convs on the CPU,
 fused timestep projections and residual adds) against the same weights run as the plain reference
-model (backend="torch": the pure-PyTorch ops, NCHW, one Linear per ResBlock), fp32.
+model (backend="torch": the pure-PyTorch ops, NCHW, one Linear per ResBlock).
 
-Configuration: 32x32 images, 64 base channels, channel_mult (1, 2, 2), 2 ResBlocks per level,
+CPU, fp32: 32x32 images, 64 base channels, channel_mult (1, 2, 2), 2 ResBlocks per level,
 attention at 16x16 and 8x8 with 4 heads, AdaGN (use_scale_shift_norm), 10 classes, learn_sigma.
+GPU, fp16 torso: the ADM-64-like model of conftest.adm64 at batch 1 and 64.
 """
 import copy
 
@@ -12,25 +13,11 @@ import torch
 
 from ddpm_fast import UNet
 
+from conftest import conv_flops
+
 CONFIG = dict(image_size=32, in_channels=3, model_channels=64, out_channels=6, num_res_blocks=2,
               attention_resolutions=(2, 4), channel_mult=(1, 2, 2), num_heads=4, use_scale_shift_norm=True,
               num_classes=10)
-
-
-def conv_flops(model: UNet, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> float:
-    """Multiply-adds x 2 of every convolution in one forward (the bulk of the work)."""
-    total = 0.0
-
-    def count(module, inputs, output):
-        nonlocal total
-        total += 2.0 * output.numel() * module.in_channels * module.weight[0, 0].numel() / module.groups
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    with torch.no_grad():
-        model(x, t, y)
-    for h in hooks:
-        h.remove()
-    return total
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +67,21 @@ def test_unet_forward_vs_compiled_reference(compare, models, batch):
         torch.testing.assert_close(compiled(x, t, y), reference(x, t, y), rtol=1e-4, atol=1e-4)
         compare(lambda: fast(x_cl, t, y), lambda: compiled(x, t, y), device="cpu",
                 dtype=torch.float32, shape=tuple(x.shape), rounds=15)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch", [1, 64])
+def test_unet_forward_gpu_adm64_fp16(compare, adm64, batch):
+    """An ADM-64-like model (fp16 torso) on the GPU: ours (fused ops) against the same weights run
+    eagerly as the reference model (guided-diffusion's U-Net); TFLOP/s counts the convolutions."""
+    fast, reference = adm64
+    gen = torch.Generator(device="cuda").manual_seed(batch)
+    x = torch.randn(batch, 3, 64, 64, device="cuda", generator=gen)
+    t = torch.randint(0, 1000, (batch,), device="cuda", generator=gen)
+    y = torch.randint(0, 1000, (batch,), device="cuda", generator=gen)
+    with torch.inference_mode():
+        want, got = reference(x, t, y).float(), fast(x, t, y).float()
+        rel = ((got - want).norm() / want.norm()).item()
+        assert rel < 2e-2, f"ours vs the reference model: relative error {rel:.3g} (fp16)"
+        compare(lambda: fast(x, t, y), lambda: reference(x, t, y), device="cuda", dtype=torch.float16,
+                shape=tuple(x.shape), flops=conv_flops(reference, x, t, y), rounds=10)
