@@ -9,6 +9,7 @@ GPU (graphs.py).
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Callable, Sequence
 
@@ -97,9 +98,16 @@ def sample(model: torch.nn.Module, steps: int | str | Sequence[int] | None = 250
         seed: base seed (int); default drawn from `generator` / torch's global generator.
             Sample i uses the noise streams of (seed, start_index + i).
         progress: tqdm bar over steps (eager), or over batches when there are several.
-        cuda_graph: "auto" (whole-loop CUDA graph for CUDA models when possible), True or False.
+        cuda_graph: "auto" (whole-loop CUDA graph for CUDA models when possible; a failed
+            capture warns once and samples eagerly), True (a failed capture raises) or False.
+            Captured loops are cached per model (ddpm_fast.graphs: at most cache_limit() per
+            model, clear_cache()) and recaptured when the model's weights or layout change.
         dtype: the model's input dtype (e.g. torch.float16 for a converted model).
         return_x0: also return the final predicted x0.
+        model_kwargs: extra keyword arguments of every model call (and of cond_fn). A tensor
+            with num_samples rows is split into batches like class_labels; other values are
+            passed whole. In a captured loop the tensors are static inputs (new values replay,
+            a new shape or dtype recaptures).
         backend: op backend of the fused steps ("auto", "torch", "cpu", "cuda", "triton").
     Returns:
         (N, C, H, W) float32 tensor in [-1, 1] (with clip_denoised), plus the final x0 when
@@ -163,8 +171,12 @@ def sample(model: torch.nn.Module, steps: int | str | Sequence[int] | None = 250
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
 
-    plan = make_plan(process, options, eta, device)
+    # the plan on the host first: its digest (the graph cache's key) costs no device sync
+    plan = make_plan(process, options, eta, "cpu")
     use_graph = _use_graph(cuda_graph, device, cond_fn)
+    plan_digest = plan.digest() if use_graph else None
+    plan = plan.to(device)
+    kw_tensors, kw_values = _split_model_kwargs(model_kwargs)
     real_classes = None if num_classes is None else (
         num_classes - 1 if model_null is not None else num_classes)
     batches = range(0, num_samples, batch_size)
@@ -174,13 +186,16 @@ def sample(model: torch.nn.Module, steps: int | str | Sequence[int] | None = 250
 
         batches = tqdm(batches, desc="sampling", unit="batch")
 
-    def loop(seeds, x_T=None, labels=None):
-        x = initial_noise(seeds, shape, options.clip) if x_T is None else (
+    def loop(plan, seeds, x_T=None, labels=None, **kw_inputs):
+        # everything a captured graph reads comes in through the arguments (static inputs and
+        # the plan it owns) or is the model's; nothing here makes a tensor from a host value
+        x = initial_noise(seeds, shape, options.clip, step=plan.initial_step) if x_T is None else (
             x_T if options.clip is None else x_T.clamp(*options.clip))
-        fn = _model_fn(model, labels, guidance_scale, null_label, dtype, model_kwargs)
+        kwargs = {**kw_values, **{k[len(_KW):]: v for k, v in kw_inputs.items()}}
+        fn = _model_fn(model, labels, guidance_scale, null_label, dtype, kwargs)
         guide = None
         if cond_fn is not None:
-            kw = dict(model_kwargs or {})
+            kw = dict(kwargs)
             if labels is not None:
                 kw.setdefault("y", labels)
             guide = lambda x, t: cond_fn(x, t, **kw)  # noqa: E731
@@ -196,28 +211,68 @@ def sample(model: torch.nn.Module, steps: int | str | Sequence[int] | None = 250
         if num_classes is not None:
             inputs["labels"] = (class_labels[start:start + b] if class_labels is not None else
                                 seeded_labels(seed, start_index + start, b, real_classes)).to(device)
+        for name, t in kw_tensors.items():  # per-sample tensors are split like the labels
+            inputs[_KW + name] = (t[start:start + b] if t.dim() and t.shape[0] == num_samples else t).to(device)
+        captured = None
         if use_graph:
-            key = (tuple(inputs["seeds"].shape), shape, dtype, tuple(process.timestep_map.tolist()),
-                   float(eta), options, guidance_scale, null_label, tuple(sorted(inputs)),
-                   return_x0, backend)
-            with torch.no_grad():
-                captured, new = graphs.cached(model, key, lambda: graphs.CapturedLoop(
-                    loop, {k: v.clone() for k, v in inputs.items()}))
+            key = (b, shape, dtype, plan_digest, options, guidance_scale, null_label, return_x0, backend,
+                   _values_key(kw_values),
+                   tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in sorted(inputs.items())))
+            captured, new = _captured_loop(model, key, loop, plan, inputs, device, cuda_graph)
+        with torch.no_grad():
+            if captured is None:
+                outs.append(loop(plan, **inputs))
+            else:
                 outs.append(captured.first_result if new else captured(**inputs))
-        elif cond_fn is not None:
-            outs.append(loop(**inputs))
-        else:
-            with torch.no_grad():
-                outs.append(loop(**inputs))
     if return_x0:
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
     return torch.cat(outs)
 
 
+_KW = "model_kwargs."  # the static-input names of model_kwargs tensors
+
+
+def _split_model_kwargs(model_kwargs) -> tuple[dict, dict]:
+    """model_kwargs -> (its tensors: static inputs of a captured loop, the other values)."""
+    kwargs = dict(model_kwargs or {})
+    tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    return tensors, {k: v for k, v in kwargs.items() if k not in tensors}
+
+
+def _values_key(values: dict) -> tuple:
+    """The non-tensor model_kwargs as part of a graph's key (repr where a value is unhashable)."""
+    out = []
+    for k, v in sorted(values.items()):
+        try:
+            hash(v)
+        except TypeError:
+            v = ("repr", repr(v))
+        out.append((k, v))
+    return tuple(out)
+
+
+def _captured_loop(model, key, loop, plan, inputs, device, cuda_graph):
+    """(the cached or newly captured loop for key, was_new), or (None, False) to run eagerly:
+    with cuda_graph="auto" a failed capture warns once and is not tried again (True raises)."""
+    if cuda_graph != "auto" or not graphs.failed_before(model, key):
+        def build():
+            # the graph reads this call's plan: the captured loop owns it from now on
+            return graphs.CapturedLoop(functools.partial(loop, plan), {k: v.clone() for k, v in inputs.items()},
+                                       owned=plan.tensors(), device=device)
+        try:
+            with torch.no_grad():
+                return graphs.cached(model, key, build)
+        except Exception as error:  # noqa: BLE001 (any capture failure falls back to eager)
+            if cuda_graph is True:
+                raise
+            graphs.capture_failed(model, key, error)
+    return None, False
+
+
 def _use_graph(cuda_graph, device, cond_fn) -> bool:
     if cuda_graph is False:
         return False
-    if device.type != "cuda":
+    if not graphs.capturable(device):
         if cuda_graph is True:
             raise ValueError(f"cuda_graph=True needs a model on a CUDA device; it is on {device}")
         return False
