@@ -28,6 +28,8 @@ import numpy as np
 import torch
 
 MANIFEST = "manifest.json"
+# Options that do not change the samples (sample i depends on (seed, i) alone): a resume may change them.
+RESULT_NEUTRAL = ("batch_size",)
 
 
 @dataclass
@@ -86,7 +88,8 @@ def file_sha256(path: str | Path | None) -> str | None:
 
 
 def check_manifest(out_dir: Path, config: dict, world: World) -> None:
-    """Write DIR/manifest.json on first use; refuse to continue a run configured differently."""
+    """Write DIR/manifest.json on first use; refuse to continue a run configured differently
+    (options of RESULT_NEUTRAL, such as batch_size, may differ: they do not change the samples)."""
     path = out_dir / MANIFEST
     if world.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -94,7 +97,8 @@ def check_manifest(out_dir: Path, config: dict, world: World) -> None:
             _atomic_write_bytes(path, json.dumps(config, indent=2, sort_keys=True).encode())
     world.barrier()
     saved = json.loads(path.read_text())
-    diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+    diff = sorted(k for k in set(saved) | set(config)
+                  if k not in RESULT_NEUTRAL and saved.get(k) != config.get(k))
     if diff:
         details = "; ".join(f"{k}: was {saved.get(k)!r}, now {config.get(k)!r}" for k in diff)
         raise SystemExit(f"{out_dir} holds a run with another configuration ({details}). "
@@ -119,21 +123,71 @@ def write_chunk(path: Path, images: np.ndarray, labels: np.ndarray | None) -> No
     os.replace(tmp, path)
 
 
+def _read_manifest(out_dir: Path) -> dict:
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        raise SystemExit(f"{out_dir}: no {MANIFEST}; not the --out-dir of a sharded run")
+    try:
+        config = json.loads(path.read_text())
+        num_samples, chunk_size = int(config["num_samples"]), int(config["chunk_size"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"{path}: unreadable manifest ({type(exc).__name__}: {exc})") from None
+    if num_samples < 1 or chunk_size < 1:
+        raise SystemExit(f"{path}: num_samples {num_samples} and chunk_size {chunk_size} must be >= 1")
+    return config
+
+
+def _read_chunk(path: Path, count: int, like: tuple | None, labelled: bool | None):
+    """(images, labels or None) of one chunk file, checked: it loads, arr_0 is uint8 (count, H,
+    W, C) shaped like the other chunks (`like`), arr_1 (count,) integers when the run has labels."""
+    try:
+        with np.load(path) as data:
+            images = data["arr_0"]
+            labels = data["arr_1"] if "arr_1" in data else None
+    except Exception as exc:  # truncated / corrupt zip, missing arr_0, not an npz
+        raise SystemExit(f"{path}: corrupt chunk ({type(exc).__name__}: {exc}); delete it and re-run "
+                         "the sampling command to recompute it") from None
+    problem = None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != count:
+        problem = f"arr_0 is {images.dtype} {images.shape}, expected uint8 ({count}, H, W, C)"
+    elif like is not None and images.shape[1:] != like:
+        problem = f"images of shape {images.shape[1:]}, the other chunks hold {like}"
+    elif labelled is not None and (labels is not None) != labelled:
+        problem = "labels (arr_1) present in some chunks but not in others"
+    elif labels is not None and (labels.shape != (count,) or not np.issubdtype(labels.dtype, np.integer)):
+        problem = f"arr_1 is {labels.dtype} {labels.shape}, expected ({count},) integers"
+    if problem:
+        raise SystemExit(f"{path}: corrupt chunk ({problem}); delete it and re-run the sampling "
+                         "command to recompute it")
+    return images, labels
+
+
 def merge(out_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Assemble DIR's chunks (all must be there) into one npz in global index order."""
+    """Assemble DIR's chunks (all must be there) into one npz in global index order. Each chunk is
+    checked (it loads; its image count, shape, dtype and labels match the manifest and the other
+    chunks) before anything is written; SystemExit with the chunk's path otherwise."""
     out_dir = Path(out_dir)
-    config = json.loads((out_dir / MANIFEST).read_text())
-    chunks = -(-config["num_samples"] // config["chunk_size"])
+    config = _read_manifest(out_dir)
+    num_samples, chunk_size = int(config["num_samples"]), int(config["chunk_size"])
+    chunks = -(-num_samples // chunk_size)
     missing = [c for c in range(chunks) if not chunk_path(out_dir, c).exists()]
     if missing:
         raise SystemExit(f"{out_dir}: {len(missing)} of {chunks} chunks are not finished "
                          f"(first: {missing[:5]}); re-run the sampling command to complete them")
+    stray = sorted(p.name for p in out_dir.glob("chunk-*.npz")
+                   if p.stem[len("chunk-"):].isdigit() and int(p.stem[len("chunk-"):]) >= chunks)
+    if stray:
+        raise SystemExit(f"{out_dir}: {len(stray)} chunk files beyond the manifest's {chunks} chunks "
+                         f"(first: {stray[:3]}); the directory mixes runs")
     images, labels = [], []
+    like = labelled = None
     for c in range(chunks):
-        with np.load(chunk_path(out_dir, c)) as data:
-            images.append(data["arr_0"])
-            if "arr_1" in data:
-                labels.append(data["arr_1"])
+        count = min(chunk_size, num_samples - c * chunk_size)
+        imgs, labs = _read_chunk(chunk_path(out_dir, c), count, like, labelled)
+        like, labelled = imgs.shape[1:], labs is not None
+        images.append(imgs)
+        if labs is not None:
+            labels.append(labs)
     out = Path(out) if out is not None else out_dir / "samples.npz"
     arrays = {"arr_0": np.concatenate(images)}
     if labels:

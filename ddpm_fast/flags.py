@@ -228,20 +228,45 @@ def diffusion_from_flags(flags):
 
 # ---- checkpoints ------------------------------------------------------------------------------
 
+def _checkpoint_format(path: str) -> str:
+    """"safetensors", "torch" (zip or legacy pickle) or "unknown", from the file's first bytes
+    (whatever its extension): safetensors starts with an 8-byte little-endian header length and a
+    JSON header '{', torch.save's zip with 'PK', a legacy torch pickle with the pickle opcode 0x80."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= os.path.getsize(path):
+        return "safetensors"
+    return "unknown"
+
+
 def load_checkpoint(path) -> dict:
-    """A state_dict from a .pt/.pth (torch.load, map_location cpu, weights_only) or .safetensors file."""
+    """A state_dict from a torch.save file (.pt/.pth: torch.load, map_location cpu, weights_only) or
+    a safetensors file; the format is read from the file's first bytes, not its extension (a
+    .SAFETENSORS or a safetensors file named .pt loads too). ValueError naming the path otherwise."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a file path; got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint: no such file {path!r}")
-    if path.endswith(".safetensors"):
+    fmt = _checkpoint_format(path)
+    if fmt == "safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(path, device="cpu")
-    else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle errors, not a torch file, ...
+            state = load_file(path, device="cpu")
+        except Exception as exc:  # SafetensorError: truncated or corrupt file
+            raise ValueError(f"checkpoint {path!r} could not be read as a safetensors file: {exc}") from None
+    elif fmt == "torch":
+        try:
+            with open(path, "rb") as f:  # a file object: torch.load would go by a .safetensors name
+                state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle errors, truncated zip, ...
             raise ValueError(f"checkpoint {path!r} could not be read as a torch state_dict: {exc}") from None
+    else:
+        raise ValueError(f"checkpoint {path!r} could not be read: it is neither a torch.save file "
+                         "(.pt/.pth) nor a safetensors file (its first bytes are of neither format)")
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):

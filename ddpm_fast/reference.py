@@ -26,8 +26,11 @@ def group_norm_scale_shift(x: torch.Tensor, num_groups: int, weight: torch.Tenso
     """ADM's AdaGN: GroupNorm(x) * (1 + scale) + shift, then SiLU.
 
     x (N, C, *spatial); weight, bias (C,) (the GroupNorm affine); scale, shift (N, C).
-    Returns a tensor shaped and typed like x.
+    Returns a tensor shaped and typed like x (empty x: an empty result, as the kernels give;
+    F.group_norm refuses a spatial size of 0).
     """
+    if x.numel() == 0:
+        return torch.empty_like(x)
     h = F.group_norm(x.float(), num_groups,
                      None if weight is None else weight.float(),
                      None if bias is None else bias.float(), eps)

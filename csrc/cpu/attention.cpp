@@ -9,6 +9,8 @@
 //             takes its math path, measured 2.5-5x slower than packing + flash).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -69,7 +71,13 @@ void attention_sdpa(const at::Tensor& heads, at::Tensor& out, double scale) {
   at::Tensor packed = at::empty({3, batch, num_heads, length, ch}, heads.options());
   const int64_t slices = 3 * batch * num_heads;
   at::Tensor dst = packed.view({slices, length, ch});
+  // The workers of at::parallel_for do not inherit the caller's thread-local state: under
+  // torch.inference_mode() `packed` is an inference tensor, which a worker outside InferenceMode
+  // may not write. Each worker runs with the caller's state (InferenceMode, grad mode, dispatch
+  // key sets) for the duration of its range.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t which = i / (batch * num_heads);
       const int64_t b = (i / num_heads) % batch;
@@ -91,6 +99,10 @@ constexpr int64_t kSdpaMinLength = 512;
 at::Tensor attention_cpu(const at::Tensor& qkv, int64_t num_heads, bool legacy) {
   const int64_t ch = am::check_qkv(qkv.sizes(), qkv.scalar_type(), num_heads);
   DDPM_CHECK(qkv.device().is_cpu(), "attention: qkv must be a CPU tensor, got ", qkv.device());
+  // A forward-only kernel: its internal ops (in-place softmax, out= GEMMs, copies into the
+  // packed buffer) must not record autograd even when qkv requires grad. The public op
+  // (ddpm_fast.ops.attention) sends inputs that require grad to the differentiable reference.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t batch = qkv.size(0);
   const int64_t channels = qkv.size(1) / 3;
   const int64_t length = qkv.size(2);

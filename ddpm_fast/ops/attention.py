@@ -5,6 +5,7 @@ import torch
 
 from .. import reference
 from .._registry import extension, resolve, triton_module
+from ..validate import records_grad
 from ._checks import check_tensor
 
 OP = "attention"
@@ -21,7 +22,9 @@ def attention(qkv: torch.Tensor, num_heads: int, layout: str = "legacy",
         num_heads: heads; must divide C. Head dim ch = C // num_heads.
         layout: "legacy" (per head [q, k, v] blocks, QKVAttentionLegacy) or "new"
             ([q | k | v], QKVAttention).
-        backend: "auto", "torch", "cpu", "cuda" or "triton".
+        backend: "auto", "torch", "cpu", "cuda" or "triton". The kernels are forward-only:
+            when autograd records (grad mode on and qkv requires grad) the differentiable
+            reference (ddpm_fast.reference.attention) runs instead, whatever the backend.
     Returns:
         (B, C, T) in qkv's dtype: softmax(q^T k / sqrt(ch)) v per head, softmax in fp32.
     """
@@ -44,7 +47,7 @@ def attention(qkv: torch.Tensor, num_heads: int, layout: str = "legacy",
     if chosen == "cuda" and width // 3 // num_heads > CUDA_MAX_HEAD_DIM:
         raise ValueError(f"backend='cuda' supports head dims C/num_heads up to {CUDA_MAX_HEAD_DIM}; "
                          f"got {width // 3 // num_heads} (use backend='triton' or 'torch')")
-    if chosen == "torch":
+    if chosen == "torch" or records_grad(qkv):
         return reference.attention(qkv, num_heads, layout)
     if chosen == "triton":
         return triton_module(OP).attention(qkv, num_heads, layout == "legacy")

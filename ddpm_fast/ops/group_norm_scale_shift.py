@@ -5,6 +5,7 @@ import torch
 
 from .. import reference
 from .._registry import extension, resolve, triton_module
+from ..validate import records_grad
 from ._checks import check_same_device, check_shape, check_tensor
 
 OP = "group_norm_scale_shift"
@@ -23,9 +24,15 @@ def group_norm_scale_shift(x: torch.Tensor, num_groups: int, weight: torch.Tenso
         scale, shift: (N, C) per-sample AdaGN modulation, optional.
         eps: > 0, added to the group variance.
         silu: apply SiLU after the affine.
-        backend: "auto", "torch", "cpu", "cuda" or "triton" (see ddpm_fast.backends()).
+        backend: "auto", "torch", "cpu", "cuda" or "triton" (see ddpm_fast.backends()). The
+            kernels are forward-only: when autograd records (grad mode on and any tensor argument
+            requires grad) the differentiable reference runs instead, whatever the backend.
     Returns:
         Tensor like x (same shape, dtype and memory format). Statistics and arithmetic in fp32.
+        Empty x (N or a spatial size 0) gives an empty result on every backend. Groups whose
+        variance overflows float32 (|x| beyond ~1e19) give NaN in the reference (F.group_norm)
+        but not in the kernels, which normalise such groups to finite values: scale inputs that
+        large down first.
     """
     check_tensor("x", x)
     if x.dim() < 2:
@@ -45,7 +52,7 @@ def group_norm_scale_shift(x: torch.Tensor, num_groups: int, weight: torch.Tenso
     check_same_device("x", x, weight=weight, bias=bias, scale=scale, shift=shift)
 
     chosen = resolve(OP, backend, x.device)
-    if chosen == "torch":
+    if chosen == "torch" or records_grad(x, weight, bias, scale, shift):
         return reference.group_norm_scale_shift(x, num_groups, weight, bias, scale, shift, eps, silu)
     if chosen == "triton":
         return triton_module(OP).group_norm_scale_shift(x, num_groups, weight, bias, scale, shift,
