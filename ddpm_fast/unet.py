@@ -38,6 +38,7 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils import _python_dispatch
 
 from . import ops
 from ._registry import BACKENDS
@@ -545,6 +546,8 @@ class UNet(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must be a (N, {self.in_channels}, H, W) tensor; got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating tensor (images in [-1, 1]); got dtype {x.dtype}")
         n = x.shape[0]
         levels = len(self.channel_mult) - 1
         if x.shape[2] % (1 << levels) or x.shape[3] % (1 << levels):
@@ -562,8 +565,21 @@ class UNet(nn.Module):
         temb = timestep_embedding(timesteps, self.model_channels)
         emb = self.time_embed(temb.to(self.time_embed[0].weight.dtype))
         if self.num_classes is not None:
-            if y.shape != (n,):
-                raise ValueError(f"y must have shape ({n},) (one label per sample); got {tuple(y.shape)}")
+            if not isinstance(y, torch.Tensor) or y.shape != (n,):
+                raise ValueError(f"y must have shape ({n},) (one label per sample); got "
+                                 f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+            if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+                raise ValueError(f"y must hold integer class labels; got dtype {y.dtype}")
+            # the range check reads y on the host: only on real values outside any capture (not
+            # while a CUDA graph records, torch.compile traces or a dispatch mode, e.g. fake
+            # tensors or a capture check, intercepts the ops)
+            capturing = (y.is_cuda and torch.cuda.is_current_stream_capturing()) or torch.compiler.is_compiling() \
+                or _python_dispatch._get_current_dispatch_mode() is not None
+            if n and not capturing:
+                lo, hi = int(y.min()), int(y.max())
+                if lo < 0 or hi >= self.num_classes:
+                    raise ValueError(f"y must lie in [0, {self.num_classes - 1}] (num_classes={self.num_classes}); "
+                                     f"got values in [{lo}, {hi}]")
             emb = emb + self.label_emb(y)
         emb_outs = self._project_embeddings(emb)
 

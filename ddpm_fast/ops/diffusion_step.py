@@ -11,6 +11,7 @@ from .. import philox, reference
 from .._registry import extension, resolve, triton_module
 from ..step_layout import (DDIM_SIGMA, LEARNED_VARIANCES, METHODS, NOISE_MODES, NONZERO, NUM_COEFS,
                            PREDICTIONS, PROJECTIONS, SQRT_RECIPM1_AB, VARIANCES, code)
+from ..validate import records_grad
 from ._checks import check_same_device, check_shape, check_tensor
 
 OP = "diffusion_step"
@@ -76,7 +77,10 @@ def diffusion_step(x: torch.Tensor, model_output: torch.Tensor, coef: torch.Tens
             on every backend (torch.quantile, then the step in eager PyTorch), with the same
             noise.
         return_x0: also return pred_x0 (otherwise None, and the kernels do not write it).
-        backend: "auto", "torch", "cpu", "cuda" or "triton" (see ddpm_fast.backends()).
+        backend: "auto", "torch", "cpu", "cuda" or "triton" (see ddpm_fast.backends()). The
+            kernels are forward-only: when autograd records (grad mode on and x, model_output,
+            coef, noise or guidance_grad requires grad) the differentiable reference step runs
+            instead, whatever the backend, with the same noise.
     """
     check_tensor("x", x)
     if x.dim() < 2:
@@ -139,7 +143,8 @@ def diffusion_step(x: torch.Tensor, model_output: torch.Tensor, coef: torch.Tens
                              f"got {dynamic_threshold!r}")
 
     chosen = resolve(OP, backend, x.device)
-    if chosen == "torch" or dynamic_threshold is not None:
+    if (chosen == "torch" or dynamic_threshold is not None
+            or records_grad(x, model_output, coef, noise, guidance_grad)):
         if seed is not None:
             noise = philox.philox_normal(seed, step, x.shape[1:])
         x_prev, x0 = reference.diffusion_step(
