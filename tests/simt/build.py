@@ -35,6 +35,7 @@ CXX = os.environ.get("CXX", "g++")
 BASE_FLAGS = ["-std=c++20", "-O1", "-g0", "-fPIC", "-shared", "-w",
               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
 # Every load and store of a kernel copy calls __asan_{load,store}N (the harness's checks).
+RUNTIME_FLAGS = ["-O2"]  # the runtime is not instrumented: its hooks run on every kernel access
 INSTRUMENT_FLAGS = ["-fsanitize=kernel-address", "--param", "asan-instrumentation-with-call-threshold=0",
                     "--param", "asan-stack=0", "--param", "asan-globals=0"]
 
@@ -72,10 +73,14 @@ def _compile(source: Path, output: Path, flags: list[str]) -> None:
 def runtime_library() -> Path:
     """The harness runtime (not instrumented), built once per content hash."""
     src = HERE / "simt_runtime.cpp"
-    key = _digest(src.read_bytes(), (HERE / "simt_abi.h").read_bytes(), torch.__version__, CXX, *BASE_FLAGS)
+    key = _digest(src.read_bytes(), (HERE / "simt_abi.h").read_bytes(), torch.__version__, CXX, *BASE_FLAGS,
+                  *RUNTIME_FLAGS)
     out = BUILD_DIR / f"libsimt_runtime_{key}.so"
     if not out.exists():
-        _compile(src, out, [f"-I{HERE}", *_torch_flags()])
+        _compile(src, out, [*RUNTIME_FLAGS, f"-I{HERE}", *_torch_flags()])
+        for stale in BUILD_DIR.glob("libsimt_runtime_*.so"):
+            if stale != out:
+                stale.unlink(missing_ok=True)
     return out
 
 
@@ -215,6 +220,12 @@ def build_kernels(jobs) -> list[tuple[str, Path]]:
         if proc.returncode != 0:
             raise RuntimeError(f"simt: build failed:\n{' '.join(cmd)}\n{err[-6000:]}")
         os.replace(tmp, out)
+    for namespace, out, src, *_ in planned:  # drop older builds of the same file and tag
+        prefix = namespace[:namespace.rindex("_") + 1]
+        for old in BUILD_DIR.glob(f"*{prefix}*"):
+            if old.name not in (out.name, src.name) and old.name.split(prefix)[0] in ("lib", "") \
+                    and old.suffix in (".so", ".cpp") and len(old.stem.split(prefix)[1]) == 16:
+                old.unlink(missing_ok=True)
     return [(namespace, out) for namespace, out, *_ in planned]
 
 

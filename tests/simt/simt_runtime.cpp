@@ -199,7 +199,11 @@ struct Launch {
   int atomic_depth = 0;
 };
 
-thread_local Launch* t_launch = nullptr;  // set while this OS thread runs a launch
+// The launch being executed (one at a time: run_grid holds g_launch_mutex). A plain global, not
+// thread_local: the access hooks read it on every load and store, and a dlopen'ed library's TLS
+// costs a call. Instrumented code runs only on the launching OS thread while it is set.
+Launch* t_launch = nullptr;
+std::mutex g_launch_mutex;
 
 char* g_stacks = nullptr;  // kMaxThreads stacks, each with a guard page below
 uintptr_t g_stacks_lo = 0, g_stacks_hi = 0;
@@ -361,8 +365,8 @@ void check_access(uintptr_t addr, size_t n, bool write) {
   }
   if (addr >= g_host_stack_lo && addr < g_host_stack_hi) return;  // kernel parameters
   ++g_stats.global_accesses;
-  thread_local Allocation last{0, 0};  // the last allocation hit, while nothing was freed
-  thread_local uint64_t last_frees = 0;
+  static Allocation last{0, 0};  // the last allocation hit, while nothing was freed
+  static uint64_t last_frees = 0;
   if (last_frees == g_frees && addr >= last.begin && addr + n <= last.end) return;
   const std::optional<Allocation> a = find_allocation(addr);
   if (a && addr >= a->begin && addr + n <= a->end) {
@@ -618,7 +622,7 @@ bool run_block(Launch& L) {
 
 void run_grid(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem,
               ThreadBody body, void* ctx) {
-  TORCH_CHECK(t_launch == nullptr, "simt: a kernel launched another kernel");
+  const std::lock_guard<std::mutex> one_launch_at_a_time(g_launch_mutex);
   std::ostringstream cfg;
   cfg << "simt: launch of " << name << " with grid (" << grid.x << "," << grid.y << "," << grid.z
       << "), block (" << block.x << "," << block.y << "," << block.z << "), " << smem
