@@ -400,10 +400,13 @@ def ptxas_usage(ptx: str, arch: int, scratch: Path) -> dict:
 
     src = scratch / f"{os.getpid()}.ptx"
     src.write_text(ptx)
-    proc = subprocess.run([nvidia_tool("ptxas"), "-lineinfo", "-v", "--regAllocOptLevel=2",
-                           f"--gpu-name={sm_arch_from_capability(arch)}", str(src), "-o", str(src) + ".o"],
-                          capture_output=True, text=True)
-    usage = parse_ptxas_log(proc.stderr + proc.stdout)
+    for extra in (["--regAllocOptLevel=2"], []):  # Triton 3.8's flag; an older ptxas may not know it
+        proc = subprocess.run([nvidia_tool("ptxas"), "-lineinfo", "-v", *extra,
+                               f"--gpu-name={sm_arch_from_capability(arch)}", str(src), "-o", str(src) + ".o"],
+                              capture_output=True, text=True)
+        usage = parse_ptxas_log(proc.stderr + proc.stdout)
+        if usage is not None:
+            break
     if proc.returncode or usage is None:
         raise RuntimeError(f"ptxas -v: {proc.stderr.strip()}")
     return usage
