@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import graphs
+from . import graphs, validate
 from .diffusion import check_class_labels, guided_model_output
 from .loop import StepOptions, initial_noise, make_plan, reverse_loop
 
@@ -23,10 +23,13 @@ SEED_BITS = 32
 
 
 def sample_seeds(seed: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Per-sample int64 seeds of global sample indices start .. start+count-1 under base `seed`:
-    (seed mod 2^31) * 2^32 + index, so every (seed, index) pair has its own noise stream."""
-    base = (int(seed) % (1 << 31)) << SEED_BITS
-    return base + torch.arange(start, start + count, dtype=torch.int64, device=device)
+    """Per-sample int64 seeds (count,) of global sample indices start .. start+count-1 under base
+    `seed`: seed * 2^32 + index (two's complement), so every (seed, index) pair has its own noise
+    stream. seed must lie in [-2^31, 2^31) and the indices in [0, 2^32) (ddpm_fast.validate: a
+    clear error outside, never an alias); seeds in [0, 2^31) keep the images they always had."""
+    seed = validate.seed(seed)
+    validate.sample_range(start, count)
+    return (seed << SEED_BITS) + torch.arange(start, start + count, dtype=torch.int64, device=device)
 
 
 def _check_labels(class_labels, num_classes):
@@ -113,17 +116,43 @@ def sample(model: torch.nn.Module, steps: int | str | Sequence[int] | None = 250
         (N, C, H, W) float32 tensor in [-1, 1] (with clip_denoised), plus the final x0 when
         return_x0.
     """
+    if cond_fn is not None and (torch.is_inference_mode_enabled() or torch.is_grad_enabled()):
+        # classifier guidance differentiates through cond_fn (the loop enables grad for that call
+        # alone); everything else runs under no_grad as without cond_fn, and outside
+        # inference_mode, which forbids autograd: on normal copies of the tensor arguments
+        args = {k: v for k, v in locals().items() if k != "args"}
+        with torch.inference_mode(False), torch.no_grad():
+            return sample(**validate.normal_tensors(args))
     diffusion = diffusion if diffusion is not None else getattr(model, "diffusion", None)
     if diffusion is None:
         raise ValueError("the model carries no diffusion (model.diffusion); pass diffusion=")
     if stochasticity is not None:
-        eta = stochasticity
-    if not 0.0 <= float(eta) <= 1.0:
-        raise ValueError(f"eta (stochasticity) must lie in [0, 1]; got {eta}")
-    if method not in ("ddpm", "ddim"):
-        raise ValueError(f"method must be 'ddpm' or 'ddim'; got {method!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+        eta = validate.number("stochasticity", stochasticity, low=0.0, high=1.0)
+    eta = validate.number("eta", eta, low=0.0, high=1.0)
+    validate.choice("method", method, ("ddpm", "ddim"))
+    batch_size = validate.integer("batch_size", batch_size, minimum=1)
+    if num_samples is not None:
+        num_samples = validate.integer("num_samples", num_samples, minimum=0)
+    if seed is not None:
+        seed = validate.seed(seed)
+    validate.integer("start_index", start_index, minimum=0)
+    dtype = validate.float_dtype("dtype", dtype)
+    if guidance_scale is not None:
+        guidance_scale = validate.number("guidance_scale", guidance_scale)
+    if x_T is not None:
+        validate.finite_tensor("x_T", x_T, dims=4, what=" (N, C, H, W)")
+        if shape is None and (getattr(model, "in_channels", None) is None
+                              or getattr(model, "image_size", None) is None):
+            shape = tuple(x_T.shape[1:])
+    if model_kwargs is not None and not isinstance(model_kwargs, dict):
+        raise TypeError(f"model_kwargs must be a dict or None; got {type(model_kwargs).__name__}")
+    if model_kwargs and model_kwargs.get("y") is not None and getattr(model, "num_classes", None) is not None:
+        # the labels of a class-conditional model, given the guided-diffusion way: used as
+        # class_labels (validated, split into batches), never replaced by seeded labels
+        if class_labels is not None:
+            raise ValueError("give the labels once: class_labels or model_kwargs['y'], not both")
+        model_kwargs = dict(model_kwargs)
+        class_labels = model_kwargs.pop("y")
     if cuda_graph not in ("auto", True, False):
         raise ValueError(f"cuda_graph must be 'auto', True or False; got {cuda_graph!r}")
     if skip is not None and steps not in (None, 250):
@@ -170,6 +199,10 @@ def sample(model: torch.nn.Module, steps: int | str | Sequence[int] | None = 250
                              "(model.null_label or null_label=)")
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    validate.sample_range(start_index, num_samples)
+    if num_samples == 0:
+        empty = torch.empty((0, *shape), device=device)
+        return (empty, empty.clone()) if return_x0 else empty
 
     # the plan on the host first: its digest (the graph cache's key) costs no device sync
     plan = make_plan(process, options, eta, "cpu")
