@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -252,7 +253,11 @@ class Diffusion:
 
     Args:
         schedule: "linear", "cosine", "sigmoid" (see `named_beta_schedule`) or a 1-D array of betas
-            in (0, 1].
+            in (0, 1]. A beta of 1 (the linear schedule with T <= 20: its last beta is
+            0.02 * 1000 / T) makes alpha_bar 0 at the last step, where an epsilon-predicting
+            model gives no x0 (x0 = (x - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) = 0 / 0) and
+            sampling returns NaN, as in guided-diffusion: a UserWarning says so at construction.
+            Cap the betas below 1 (the cosine schedule uses 0.999) or predict v or x0.
         timesteps: number of diffusion steps T of a named schedule (default 1000); for an array of
             betas it defaults to (and must equal) its length.
         variance: the DDPM reverse variance: "fixed_small" (posterior variance), "fixed_large"
@@ -297,6 +302,11 @@ class Diffusion:
             what = (f"schedule {schedule!r} with timesteps={betas.size} gives betas" if isinstance(schedule, str)
                     else "schedule (betas) must lie in (0, 1]; got betas")
             raise ValueError(f"{what} in [{betas.min():.4g}, {betas.max():.4g}], outside (0, 1]")
+        if prediction == "epsilon" and np.any(betas >= 1):
+            warnings.warn(f"schedule {schedule if isinstance(schedule, str) else 'custom'!r}: a beta of 1 "
+                          "makes alpha_bar 0, where an epsilon-predicting model gives no x0: sampling "
+                          "through that step returns NaN. Cap the betas below 1 (e.g. the linear "
+                          "schedule with timesteps > 20) or predict 'v' or 'x0'.", stacklevel=2)
         self.variance = variance
         self.prediction = prediction
         self.rescale_timesteps = rescale_timesteps
