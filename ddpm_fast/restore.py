@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from . import philox
+from . import philox, validate
 from .diffusion import check_class_labels
 from .loop import StepOptions, make_plan, reverse_loop
 from .reference import predicted_x0
@@ -66,31 +66,41 @@ def _runs(schedule: Sequence[int]):
 
 
 def restore(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor | None = None, *,
-            steps: int | str | Sequence[int] | None = 250, method: str = "ddpm",
-            strength: float | None = None, jump_length: int = 10, jump_n_sample: int = 1,
+            steps: int | str | Sequence[int] | None = 50, method: str = "ddpm",
+            strength: float | None = None, jump_length: int = 5, jump_n_sample: int | None = None,
             diffusion=None, class_labels=None, guidance_scale: float | None = None,
             eta: float = 0.0, noise: str = "normal", project_noise: str | None = None,
             clip_denoised: bool = True, clip: tuple[float, float] | None = None,
-            skip: int | str | None = None, reconstruction_guidance: float = 0.0, seed: int = 0,
+            skip: int | str | None = None, reconstruction_guidance: float | None = None, seed: int = 0,
             progress: bool = True, backend: str = "auto") -> torch.Tensor:
     """Restore images with a diffusion model.
 
+    The defaults inpaint well: 50 steps, RePaint jumps of 5 steps with 3 passes and reconstruction
+    guidance 10 when a mask is given (measured on the bundled digits model, lower half of 100
+    held-out digits unknown, unconditional, seed 0: the SVC recognises 86% of the restored
+    digits, 27% of the masked ones; the former defaults, 250 plain steps, 53%); 50 plain steps
+    without a mask.
+
     Args:
-        image: (B, C, H, W) in [-1, 1].
-        mask: (B or 1, 1 or C, H, W), 1 = known pixel, 0 = to generate; None restores the whole
-            image (needs `strength`). Known pixels come back exactly equal to `image`.
+        image: (B, C, H, W) finite, in [-1, 1].
+        mask: (B or 1, 1 or C, H, W), 1 = known pixel, 0 = to generate, as bools, integers in
+            {0, 1} or floats in [0, 1] (a fraction blends the image into the generated pixel); a
+            0/255 mask is refused with a hint. None restores the whole image (needs `strength`).
+            Pixels whose mask is 1 come back exactly equal to `image`.
         steps / skip / method / eta / noise / project_noise / clip_denoised / clip: as in
             ddpm_fast.sample.
         strength: in (0, 1]: noise the image to that fraction of the process and run the reverse
             process from there (SDEdit). None: start from pure noise (inpainting).
-        jump_length, jump_n_sample: RePaint resampling (jump_n_sample = 1: no resampling).
+        jump_length, jump_n_sample: RePaint resampling (jump_n_sample = 1: no resampling);
+            jump_n_sample defaults to 3 with a mask, 1 without.
         reconstruction_guidance: weight w >= 0 of reconstruction guidance (Ho et al. 2022, "Video
             Diffusion Models", sec. 3.1) for inpainting: each step is also guided by
             -w * sqrt(ab_t) * d/dx_t |mask * (x0_hat(x_t) - image)|^2, the gradient through the
             model of how far its predicted x0 strays from the known pixels, so the generated
             region agrees with them (classifier-guidance style: DDPM shifts the mean by
             variance * gradient, DDIM shifts eps). Costs one more model call and its backward
-            pass per step. 0 (default): plain RePaint replacement. Use it with resampling
+            pass per step. Default 10 with a mask, 0 (plain RePaint replacement) without one, and
+            with strength alone it must stay 0. Use it with resampling
             (jump_n_sample > 1): on the bundled digits model, lower-half inpainting recovers the
             true digit for 87% of held-out digits with 50 steps, jumps of 5, 3 passes and w = 10
             (67% without guidance), but only 28% with guidance and no resampling (300 digits).
@@ -99,34 +109,40 @@ def restore(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor | No
     Returns:
         (B, C, H, W) float32 in [-1, 1].
     """
+    if reconstruction_guidance != 0 and mask is not None and torch.is_inference_mode_enabled():
+        # reconstruction guidance differentiates through the model, which inference_mode forbids:
+        # run outside it (as under no_grad), on normal copies of the tensor arguments
+        args = {k: v for k, v in locals().items() if k != "args"}
+        with torch.inference_mode(False), torch.no_grad():
+            return restore(**validate.normal_tensors(args))
     diffusion = diffusion if diffusion is not None else getattr(model, "diffusion", None)
     if diffusion is None:
         raise ValueError("the model carries no diffusion (model.diffusion); pass diffusion=")
-    if not isinstance(image, torch.Tensor) or image.dim() != 4:
-        raise ValueError(f"image must be a (B, C, H, W) tensor; got {getattr(image, 'shape', type(image))}")
-    if not image.is_floating_point():
-        raise ValueError(f"image must be a float tensor in [-1, 1]; got dtype {image.dtype}")
-    lo, hi = float(image.min()), float(image.max())
-    if lo < -1 - 1e-6 or hi > 1 + 1e-6:
-        raise ValueError(f"image must lie in [-1, 1]; its values span [{lo:.3f}, {hi:.3f}]")
+    validate.image("image", image)
     b, c, h, w = image.shape
     in_ch, size = getattr(model, "in_channels", None), getattr(model, "image_size", None)
     if (in_ch is not None and c != in_ch) or (size is not None and (h, w) != (size, size)):
         raise ValueError(f"image has shape {tuple(image.shape)} but the model takes "
                          f"({in_ch}, {size}, {size}) images")
     if mask is not None:
-        if mask.dim() != 4 or mask.shape[2:] != image.shape[2:] or mask.shape[0] not in (1, b) \
-                or mask.shape[1] not in (1, c):
-            raise ValueError(f"mask must have shape ({b} or 1, 1 or {c}, {h}, {w}); got {tuple(mask.shape)}")
-    if strength is not None and not 0.0 < float(strength) <= 1.0:
-        raise ValueError(f"strength must lie in (0, 1]; got {strength}")
+        mask = validate.mask("mask", mask, tuple(image.shape))
+    if strength is not None:
+        strength = validate.number("strength", strength, low=0.0, high=1.0, low_open=True)
     if mask is None and strength is None:
         raise ValueError("give a mask (inpainting) or a strength (restoration of the whole image)")
-    if skip is not None and steps not in (None, 250):
+    if skip is not None and steps not in (None, 50):
         raise ValueError("give either steps or skip, not both")
-    repaint_schedule(1, jump_length, jump_n_sample)  # validates the RePaint options early
-    if not float(reconstruction_guidance) >= 0.0:
-        raise ValueError(f"reconstruction_guidance must be >= 0; got {reconstruction_guidance}")
+    seed = validate.seed(seed)
+    eta = validate.number("eta", eta, low=0.0, high=1.0)
+    if guidance_scale is not None:
+        guidance_scale = validate.number("guidance_scale", guidance_scale)
+    inpainting = mask is not None
+    jump_length = validate.integer("jump_length", jump_length, minimum=1)
+    jump_n_sample = validate.integer("jump_n_sample", (3 if inpainting else 1) if jump_n_sample is None
+                                     else jump_n_sample, minimum=1)
+    reconstruction_guidance = validate.number(
+        "reconstruction_guidance", (10.0 if inpainting else 0.0) if reconstruction_guidance is None
+        else reconstruction_guidance, low=0.0)
     if reconstruction_guidance and mask is None:
         raise ValueError("reconstruction_guidance needs a mask (the known pixels it pulls towards)")
 
@@ -137,8 +153,6 @@ def restore(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor | No
     options = StepOptions(method=method, prediction=diffusion.prediction, variance=diffusion.variance,
                           clip_denoised=clip_denoised, noise_mode=noise, project_noise=project_noise,
                           clip=None if clip is None else (float(clip[0]), float(clip[1])))
-    if not 0.0 <= float(eta) <= 1.0:
-        raise ValueError(f"eta must lie in [0, 1]; got {eta}")
     plan = make_plan(process, options, eta, device)
     coef64 = torch.as_tensor(process.coefficients(eta=eta), dtype=torch.float64)
     num = plan.num_steps
@@ -194,7 +208,8 @@ def restore(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor | No
                 z = philox.philox_normal(seeds, torch.tensor(_UNDO_STREAM + visits * num + s_to,
                                                              device=device), shape)
                 x = sqrt_alpha * x + (1 - sqrt_alpha ** 2) ** 0.5 * z
-    return x if known is None else known * image + (1 - known) * x
+    # known pixels exactly (even where x is not finite); fractional mask values blend
+    return x if known is None else torch.where(known == 1, image, known * image + (1 - known) * x)
 
 
 def _restore_labels(model, class_labels, b, seed, device):
