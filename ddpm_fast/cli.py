@@ -4,6 +4,10 @@
   ddpm-fast sample [options]           sample a checkpoint (or the bundled digits model) to
                                        guided-diffusion's npz format and a PNG grid
   ddpm-fast demo                       the main job: 100 digits (10 per class), 250 DDPM steps
+  ddpm-fast restore [options]          inpaint / restore a PNG
+  ddpm-fast merge DIR                  assemble a sharded run's chunks into one npz
+
+Errors are one line, `ddpm-fast: error: ...`, with exit status 2 (--debug: the traceback).
 """
 from __future__ import annotations
 
@@ -36,12 +40,19 @@ def _info(args) -> int:
 
 
 def _load_model(args):
-    """(model, description): from --checkpoint/--flags, else the bundled digits model."""
+    """(model, description): from --checkpoint/--flags, else the bundled digits model. Checks
+    --device first."""
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device must be a torch device such as 'cpu' or 'cuda:0'; got {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA GPU is visible (use --device cpu)")
     if args.checkpoint or args.flags:
         from .flags import from_flags
 
         if not args.flags:
-            raise SystemExit("--checkpoint needs --flags \"MODEL_FLAGS DIFFUSION_FLAGS\" describing it")
+            raise ValueError("--checkpoint needs --flags \"MODEL_FLAGS DIFFUSION_FLAGS\" describing it")
         model, _ = from_flags(args.flags, checkpoint=args.checkpoint)
         return model, f"{args.checkpoint or 'random weights'} ({args.flags})"
     from .pretrained import load_pretrained
@@ -108,8 +119,7 @@ def _sample(args) -> int:
     from .images import save_grid, to_images
     from .sample import sample
 
-    if args.num_samples < 1:
-        raise SystemExit("--num-samples must be >= 1")
+    _check_sampling_args(args)
     model, what = _load_model(args)
     model = model.to(args.device).eval()
     options = _sampler_options(args)
@@ -130,7 +140,6 @@ def _sample(args) -> int:
     if labels is not None:
         arrays["arr_1"] = labels.numpy().astype(np.int64)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, **arrays)
     if args.grid:
         if labels is not None:
@@ -146,13 +155,32 @@ def _sample(args) -> int:
     return 0
 
 
+def _check_sampling_args(args) -> None:
+    """Everything of `sample` / `demo` that can be checked before any work: counts, seed, and the
+    output files (suffix, not a directory, a writable directory)."""
+    from .images import check_image_path
+    from .validate import integer, output_file, seed
+
+    integer("--num-samples", args.num_samples, minimum=1)
+    integer("--batch-size", args.batch_size, minimum=1)
+    integer("--chunk-size", args.chunk_size, minimum=1)
+    if args.max_chunks is not None:
+        integer("--max-chunks", args.max_chunks, minimum=1)
+    seed(args.seed, "--seed")
+    output_file("--out", args.out, (".npz",))
+    if args.grid:
+        check_image_path("--grid", args.grid)
+    if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise ValueError(f"--out-dir {args.out_dir!r} exists and is not a directory")
+
+
 def _sample_sharded(args, model, options) -> int:
     from .distributed import file_sha256, main_log, sharded_sample
 
     config = {"flags": args.flags, "checkpoint_sha256": file_sha256(args.checkpoint),
               "num_samples": args.num_samples, "chunk_size": args.chunk_size, "seed": args.seed,
               "labels": args.labels, "out": args.out, **{k: v for k, v in options.items()
-                                                         if k != "cuda_graph"}}
+                                                         if k not in ("cuda_graph", "batch_size")}}
     config["clip"] = None if config["clip"] is None else list(config["clip"])
     t0 = time.perf_counter()
     rank = int(os.environ.get("RANK", "0"))
@@ -183,48 +211,88 @@ def _read_png(path: str, channels: int, size: int | None) -> torch.Tensor:
     return (arr / 127.5 - 1.0)[None]
 
 
+def _read_mask(path: str, size: int | None, threshold: int) -> torch.Tensor:
+    """A mask PNG as (1, 1, H, W) float32: 1 (known) where its grey value is >= threshold."""
+    from PIL import Image
+
+    m = Image.open(path).convert("L")
+    if size is not None and m.size != (size, size):
+        m = m.resize((size, size), Image.NEAREST)
+    return torch.from_numpy((np.asarray(m) >= threshold).astype(np.float32))[None, None]
+
+
 def _restore(args) -> int:
     from PIL import Image
 
-    from .images import to_images
+    from .images import check_image_path, to_images
     from .restore import restore
+    from .validate import integer, seed
 
+    out_path = check_image_path("--out", args.out)
+    integer("--mask-threshold", args.mask_threshold, minimum=1, maximum=255)
+    seed(args.seed, "--seed")
+    for name, path in (("--image", args.image), ("--mask", args.mask)):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{name} {path!r}: no such file")
     model, what = _load_model(args)
     model = model.to(args.device).eval()
     channels, size = model.in_channels, model.image_size
     image = _read_png(args.image, channels, size)
-    mask = None
-    if args.mask:
-        from PIL import Image as _Image
-
-        m = _Image.open(args.mask).convert("L")
-        if m.size != (size, size):
-            m = m.resize((size, size), _Image.NEAREST)
-        mask = torch.from_numpy((np.asarray(m) >= 128).astype(np.float32))[None, None]
+    mask = None if not args.mask else _read_mask(args.mask, size, args.mask_threshold)
     options = _sampler_options(args)
     options.pop("batch_size")
     options.pop("cuda_graph")
+    # restore's own defaults (ddpm_fast.restore) unless given on the command line
+    extra = {k: v for k, v in (("steps", args.steps), ("jump_length", args.jump_length),
+                               ("jump_n_sample", args.jump_n_sample),
+                               ("reconstruction_guidance", args.reconstruction_guidance)) if v is not None}
+    options.update(extra)
+    if options["steps"] is None and options["skip"] is None:
+        options.pop("steps")
     t0 = time.perf_counter()
     x = restore(model, image.to(args.device), None if mask is None else mask.to(args.device),
-                strength=args.strength, jump_length=args.jump_length, jump_n_sample=args.jump_n_sample,
-                reconstruction_guidance=args.reconstruction_guidance, seed=args.seed, **options)
+                strength=args.strength, seed=args.seed, **options)
     out = to_images(x)[0]
-    Image.fromarray(out[..., 0] if out.shape[-1] == 1 else out).save(args.out)
+    Image.fromarray(out[..., 0] if out.shape[-1] == 1 else out).save(out_path)
     print(f"restored {args.image} with {what} in {time.perf_counter() - t0:.1f} s -> {args.out}")
     return 0
 
 
 def _merge(args) -> int:
     from .distributed import merge
+    from .validate import output_file
 
+    if args.out is not None:
+        output_file("--out", args.out, (".npz",))
     print(f"wrote {merge(args.dir, args.out)}")
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `ddpm-fast: error: ...`, exit status 2."""
+
+    def error(self, message: str):
+        _print_error(message)
+        raise SystemExit(2)
+
+
+def _print_error(message) -> None:
+    text = " ".join(str(message).split())
+    print(f"ddpm-fast: error: {text}", file=sys.stderr)
+
+
+# Errors reported as one line without a traceback (anything else is a bug: traceback).
+_USER_ERRORS = (ValueError, TypeError, OSError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ddpm-fast", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    """Run the command line; returns the exit status 0. A usage or input error is printed as one
+    line `ddpm-fast: error: ...` and exits with status 2 (SystemExit(2), as argparse does) unless
+    --debug asks for the traceback."""
+    parser = _Parser(prog="ddpm-fast", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("info", help="backends, versions and the device").set_defaults(func=_info)
     p = sub.add_parser("sample", help="sample images to an npz and a PNG grid")
     _add_sampling_args(p, num_samples=16, batch_size=16)
@@ -236,13 +304,18 @@ def main(argv: list[str] | None = None) -> int:
     _add_sampler_args(p)
     p.add_argument("--out", default="restored.png", help="output PNG")
     p.add_argument("--image", required=True, help="input PNG")
-    p.add_argument("--mask", default=None, help="PNG, white (>= 128) = known pixel, black = generate")
+    p.add_argument("--mask", default=None,
+                   help="PNG, white (grey >= --mask-threshold) = known pixel, black = generate")
+    p.add_argument("--mask-threshold", type=int, default=128, metavar="T",
+                   help="grey value (1..255) from which a mask pixel counts as known (default 128)")
     p.add_argument("--strength", type=float, default=None, help="(0, 1]: partial-noise restoration")
-    p.add_argument("--jump-length", type=int, default=10, help="RePaint jump length")
-    p.add_argument("--jump-n-sample", type=int, default=1, help="RePaint resamplings (1 = none)")
-    p.add_argument("--reconstruction-guidance", type=float, default=0.0, metavar="W",
-                   help="weight of reconstruction guidance towards the known pixels (e.g. 10; 0 = off)")
-    p.set_defaults(func=_restore, batch_size=1)
+    p.add_argument("--jump-length", type=int, default=None, help="RePaint jump length (default 5)")
+    p.add_argument("--jump-n-sample", type=int, default=None,
+                   help="RePaint passes per jump point (1 = none; default 3 with a mask, else 1)")
+    p.add_argument("--reconstruction-guidance", type=float, default=None, metavar="W",
+                   help="weight of reconstruction guidance towards the known pixels "
+                        "(default 10 with a mask, else 0 = off)")
+    p.set_defaults(func=_restore, batch_size=1, steps=None)
     p = sub.add_parser("merge", help="assemble a sharded run's chunks into one npz")
     p.add_argument("dir")
     p.add_argument("--out", default=None, help="default DIR/samples.npz")
@@ -251,8 +324,21 @@ def main(argv: list[str] | None = None) -> int:
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=lambda a: __import__("ddpm_fast.benchreport", fromlist=["main"]).main(a.rest))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv  # also after the subcommand
+    args = parser.parse_args([a for a in argv if a != "--debug"])
+    try:
+        return args.func(args)
+    except _USER_ERRORS as exc:
+        if debug:
+            raise
+        _print_error(exc)
+        raise SystemExit(2) from None
+    except SystemExit as exc:  # a message from a library call (manifest, merge)
+        if debug or exc.code is None or isinstance(exc.code, int):
+            raise
+        _print_error(exc.code)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
