@@ -76,9 +76,16 @@ def number(name: str, value, *, low: float | None = None, high: float | None = N
     bad_low = low is not None and (result <= low if low_open else result < low)
     bad_high = high is not None and (result >= high if high_open else result > high)
     if not math.isfinite(result) or bad_low or bad_high:
-        interval = ("(" if low_open else "[") + ("-inf" if low is None else f"{low:g}") + ", " + \
-                   ("inf" if high is None else f"{high:g}") + (")" if high_open or high is None else "]")
-        raise ValueError(f"{name} must be a finite number in {interval}; got {value!r}")
+        if low is None and high is None:
+            wanted = "be a finite number"
+        elif high is None:
+            wanted = f"be {'>' if low_open else '>='} {low:g} (a finite number)"
+        elif low is None:
+            wanted = f"be {'<' if high_open else '<='} {high:g} (a finite number)"
+        else:
+            wanted = (f"lie in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'} "
+                      "(a finite number)")
+        raise ValueError(f"{name} must {wanted}; got {value!r}")
     return result
 
 

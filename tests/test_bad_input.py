@@ -130,6 +130,16 @@ def _gn_inputs():
     return (torch.randn(2, 8, 4, 4, generator=g), torch.randn(8, generator=g), torch.randn(2, 8, generator=g))
 
 
+def _warnings_of(fn) -> list[str]:
+    """The messages of the warnings fn() raises."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return [str(w.message) for w in caught]
+
+
 def _huge() -> torch.Tensor:
     """GroupNorm input whose group variance overflows float32."""
     return torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * 1e20
@@ -211,8 +221,12 @@ CASES = {
         lambda e: e.sample(class_labels=[1], model_kwargs={"y": torch.tensor([1])}), Raises(ValueError, "class_labels")),
     "sample model_kwargs y out of range": (
         lambda e: e.sample(model_kwargs={"y": torch.tensor([7])}), Raises(ValueError, "class_labels")),
-    "schedule with beta = 1": (
-        lambda e: Diffusion(np.array([0.1, 0.5, 1.0])), Raises(ValueError, "schedule")),
+    "schedule with beta = 1 warns (documented)": (
+        lambda e: _warnings_of(lambda: Diffusion(np.array([0.1, 1.0]))), Holds(
+            lambda r, e: any("beta of 1" in m for m in r) or pytest.fail(f"no warning: {r}"))),
+    "schedule with beta = 1, v prediction: no warning": (
+        lambda e: [m for m in _warnings_of(lambda: Diffusion(np.array([0.1, 1.0]), prediction="v")) if "beta" in m],
+        Equals(lambda e: [])),
     # ---- UNet --------------------------------------------------------------------------------------
     "UNet int64 images": (
         lambda e: e.unet(torch.zeros(1, 3, 8, 8, dtype=torch.int64), torch.tensor([1]), torch.tensor([0])),
