@@ -172,9 +172,11 @@ def draw_noise(seed: torch.Tensor, step, sample_shape, *, backend: str = "auto")
     b = seed.shape[0]
     zeros = torch.zeros((b, *sample_shape), dtype=torch.float32, device=seed.device)
     coef = torch.zeros((b, NUM_COEFS), dtype=torch.float32, device=seed.device)
-    coef[:, SQRT_RECIPM1_AB] = 1.0   # eps = (0 * x - x0) / 1 = 0
-    coef[:, DDIM_SIGMA] = 1.0
-    coef[:, NONZERO] = 1.0
+    # in-place fills of column views, not `coef[:, i] = 1.0` (that makes a tensor from a host
+    # scalar: a host-to-device copy a CUDA graph capture of the loop's x_T draw rejects)
+    coef[:, SQRT_RECIPM1_AB].fill_(1.0)   # eps = (0 * x - x0) / 1 = 0
+    coef[:, DDIM_SIGMA].fill_(1.0)
+    coef[:, NONZERO].fill_(1.0)
     x_prev, _ = diffusion_step(zeros, zeros, coef, seed=seed, step=step, method="ddim",
                                prediction="x0", clip_denoised=False, return_x0=False,
                                backend=backend)
