@@ -552,10 +552,13 @@ def golden_step(entry, backend, variance=None):
 
 
 def assert_golden_step(got, entry):
-    """Elementwise, as test_diffusion_golden.py: 1e-5 absolute, and 1e-6 relative for the unclipped
-    cosine steps near T whose |x0| reaches ~1e5 (a few float32 ulps there)."""
+    """Elementwise, like test_diffusion_golden.py: 1e-5 absolute plus 1e-5 relative. The relative
+    part serves the unclipped cosine steps near T, whose x0 (~1e5) comes from cancelling terms of
+    that size: the kernels' affine form rounds them in another order than guided-diffusion (the C++
+    kernel is up to 2e-6 relative off there; a step with fixed_large's variance is off by ~1000x
+    this bound)."""
     for value, want in zip(got, (entry["sample"], entry["pred_xstart"])):
-        torch.testing.assert_close(value, want, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["torch", *kernel_backends()])

@@ -96,7 +96,8 @@ def test_restore(device, no_reference):
     image = (torch.rand(2, 3, 8, 8, generator=g) * 2 - 1).to(device)
     mask = torch.zeros(2, 1, 8, 8, device=device)
     mask[..., :4, :] = 1
-    out = ddpm_fast.restore(model, image, mask, steps="6", jump_length=2, jump_n_sample=2, progress=False)
+    out = ddpm_fast.restore(model, image, mask, steps="6", jump_length=2, jump_n_sample=2,
+                            reconstruction_guidance=0.0, progress=False)
     assert torch.equal(out[:, :, :4], image[:, :, :4])
     out = ddpm_fast.restore(model, image, strength=0.5, steps="6", method="ddim", eta=1.0, progress=False)
     assert torch.isfinite(out).all()
@@ -110,5 +111,7 @@ def test_the_trap_catches_the_reference(no_reference):
     with pytest.raises(AssertionError, match="reference.group_norm_scale_shift"), torch.no_grad():
         model(x, t, y)
     model.backend = "auto"
+    with pytest.raises(AssertionError, match="reference.group_norm_scale_shift"):
+        model(x, t, y)  # grad mode on, parameters requiring grad: sample(cond_fn=...)'s former model call
     with pytest.raises(AssertionError, match="reference.diffusion_step"):
         ddpm_fast.sample(model, steps=2, num_samples=1, seed=0, progress=False, backend="torch")
