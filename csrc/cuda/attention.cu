@@ -1,7 +1,9 @@
 // CUDA kernel of ddpm_fast::attention: a flash-style forward pass (ADM self-attention) reading q,
 // k and v straight out of the qkv conv output (B, 3*C, T) with the layout's strides, no copy.
 //
-// One block of 256 threads computes 64 queries of one (batch, head). The threads form a 16 x 16
+// One block of 256 threads computes 64 queries of one (batch, head); the grid is 1-D (axis x, limit
+// 2^31 - 1), block = (batch * heads + head) * query_blocks + query block, so no grid axis with a
+// 65535 limit is used and consecutive blocks share one head's K and V. The threads form a 16 x 16
 // grid: thread row r owns queries 4r..4r+3 of the block, thread column c owns keys c, c+16, ... of
 // each key tile and output dims c, c+16, ... . Per key tile (BLOCK_N keys):
 //   1. K (ch x BLOCK_N) and V (BLOCK_N x ch) are staged in shared memory as fp32 (global loads are
@@ -65,6 +67,7 @@ struct AttentionParams {
   int64_t length;     // T
   int64_t head_dim;   // ch (<= the tile's D)
   int64_t heads;
+  int64_t query_blocks;  // ceil(T / 64)
   int64_t channels;   // C
   int64_t stride_b;   // qkv strides, in elements
   int64_t stride_c;
@@ -112,9 +115,10 @@ attention_fwd_kernel(const scalar_t* __restrict__ qkv, scalar_t* __restrict__ ou
   const int tid = threadIdx.x;
   const int trow = tid / kThreadCols;
   const int tcol = tid % kThreadCols;
-  const int64_t batch = blockIdx.x / p.heads;
-  const int64_t head = blockIdx.x % p.heads;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBlockM;
+  const int64_t batch_head = blockIdx.x / p.query_blocks;
+  const int64_t batch = batch_head / p.heads;
+  const int64_t head = batch_head % p.heads;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) % p.query_blocks * kBlockM;
 
   const scalar_t* base = qkv + batch * p.stride_b;
   const scalar_t* q_g = base + (p.chan.q + head * p.chan.head) * p.stride_c;
@@ -262,12 +266,12 @@ void launch(const at::Tensor& qkv, at::Tensor& out, const AttentionParams& param
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
   }
-  const int64_t query_blocks = (params.length + kBlockM - 1) / kBlockM;
-  const int64_t batch_heads = out.size(0) * params.heads;
-  DDPM_CHECK(query_blocks <= 65535, "attention: T=", params.length, " is too long (at most ",
-             65535 * kBlockM, ")");
-  DDPM_CHECK(batch_heads <= 2147483647LL, "attention: B*heads=", batch_heads, " is too large");
-  const dim3 grid(static_cast<unsigned>(batch_heads), static_cast<unsigned>(query_blocks));
+  int max_grid_x = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_grid_x, cudaDevAttrMaxGridDimX, device));
+  const int64_t blocks = out.size(0) * params.heads * params.query_blocks;
+  DDPM_CHECK(blocks <= max_grid_x, "attention: B * heads * ceil(T / ", kBlockM, ") = ", blocks,
+             " blocks exceed the grid limit ", max_grid_x);
+  const dim3 grid(static_cast<unsigned>(blocks));
   kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
       qkv.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -306,6 +310,7 @@ at::Tensor attention_cuda(const at::Tensor& qkv, int64_t num_heads, bool legacy)
   params.length = length;
   params.head_dim = ch;
   params.heads = num_heads;
+  params.query_blocks = (length + kBlockM - 1) / kBlockM;
   params.channels = channels;
   params.stride_b = qkv.stride(0);
   params.stride_c = qkv.stride(1);

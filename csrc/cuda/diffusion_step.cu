@@ -2,7 +2,8 @@
 //
 // Every thread handles 4 consecutive elements of one sample (one Philox block of in-kernel noise,
 // csrc/include/philox.h) with the shared per-element math (csrc/include/diffusion_step_math.h);
-// grid = (ceil(numel / (4 * kThreads)), B).
+// grid = (ceil(numel / (4 * kThreads)), samples), launched once per chunk of at most the grid's
+// y limit (65535, queried) samples starting at Params::batch_offset.
 //   * no projection: one kernel, one pass (reads x, model_output [, noise, grad], writes x_prev
 //     [, pred_x0]);
 //   * "pixel": each thread takes 4 consecutive pixels and loops over the channels twice (norms,
@@ -19,6 +20,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "diffusion_step_args.h"
 #include "diffusion_step_math.h"
@@ -49,6 +52,7 @@ struct Params {
   float clip_lo, clip_hi;
   bool vector_io;   // 4-element vector loads / stores are aligned
   float* partial;   // (B, gridDim.x, 2) partial sums of the sample projection
+  int64_t batch_offset;  // sample of blockIdx.y == 0
 };
 
 template <class S, class M>
@@ -159,7 +163,7 @@ __device__ __forceinline__ float clip_value(const Params& p, float v) {
 template <class S, class M, int kMode>
 __global__ void __launch_bounds__(kThreads) step_kernel(Tensors<S, M> t, Params p) {
   __shared__ float shared[32];
-  const int64_t b = blockIdx.y;
+  const int64_t b = p.batch_offset + blockIdx.y;
   const Coefs k = block_coefs(p, b, shared);
   float factor = 0.0f;
   if (kMode == kApply) {  // reduce this sample's partial sums
@@ -210,7 +214,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(Tensors<S, M> t, Params 
 template <class S, class M>
 __global__ void __launch_bounds__(kThreads) pixel_kernel(Tensors<S, M> t, Params p) {
   __shared__ float shared[32];
-  const int64_t b = blockIdx.y;
+  const int64_t b = p.batch_offset + blockIdx.y;
   const Coefs k = block_coefs(p, b, shared);
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kPerThread;
   if (first >= p.pixels) return;
@@ -268,24 +272,31 @@ void launch(const Tensors<S, M>& t, Params p, int64_t batch, const at::Tensor& x
                 (t.noise == nullptr || aligned(t.noise, pack)) && (t.grad == nullptr || aligned(t.grad, pack)) &&
                 (t.x0 == nullptr || aligned(t.x0, pack));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (p.o.projection == step::kProjectPixel) {
-    const dim3 grid((p.pixels + kPerBlock - 1) / kPerBlock, batch);
-    pixel_kernel<S, M><<<grid, kThreads, 0, stream>>>(t, p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-  const dim3 grid((p.numel + kPerBlock - 1) / kPerBlock, batch);
+  int max_grid_y = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_grid_y, cudaDevAttrMaxGridDimY, c10::cuda::current_device()));
+  const int64_t per_sample = (p.o.projection == step::kProjectPixel ? p.pixels : p.numel);
+  const unsigned blocks = static_cast<unsigned>((per_sample + kPerBlock - 1) / kPerBlock);
+  at::Tensor partial;
   if (p.o.projection == step::kProjectSample) {
-    const at::Tensor partial = at::empty({batch, static_cast<int64_t>(grid.x), 2}, x.options().dtype(at::kFloat));
+    partial = at::empty({batch, static_cast<int64_t>(blocks), 2}, x.options().dtype(at::kFloat));
     p.partial = partial.data_ptr<float>();
-    step_kernel<S, M, kStats><<<grid, kThreads, 0, stream>>>(t, p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    step_kernel<S, M, kApply><<<grid, kThreads, 0, stream>>>(t, p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
   }
-  step_kernel<S, M, kPlain><<<grid, kThreads, 0, stream>>>(t, p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for (int64_t b0 = 0; b0 < batch; b0 += max_grid_y) {  // samples on grid axis y, in chunks
+    p.batch_offset = b0;
+    const dim3 grid(blocks, static_cast<unsigned>(std::min<int64_t>(max_grid_y, batch - b0)));
+    if (p.o.projection == step::kProjectPixel) {
+      pixel_kernel<S, M><<<grid, kThreads, 0, stream>>>(t, p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else if (p.o.projection == step::kProjectSample) {
+      step_kernel<S, M, kStats><<<grid, kThreads, 0, stream>>>(t, p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      step_kernel<S, M, kApply><<<grid, kThreads, 0, stream>>>(t, p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      step_kernel<S, M, kPlain><<<grid, kThreads, 0, stream>>>(t, p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> diffusion_step_cuda(
@@ -322,7 +333,6 @@ std::tuple<at::Tensor, at::Tensor> diffusion_step_cuda(
   p.clip_lo = p.has_clip ? static_cast<float>(*clip_lo) : 0.0f;
   p.clip_hi = p.has_clip ? static_cast<float>(*clip_hi) : 0.0f;
   if (g.batch == 0 || g.numel == 0) return {out, x0};
-  DDPM_CHECK(g.batch <= 65535, "the CUDA kernel handles at most 65535 samples per call; got ", g.batch);
 
   dispatch_float(dtype, [&](auto s_tag) {
     using S = decltype(s_tag);

@@ -5,8 +5,11 @@
 //      group so that all SMs work even when N * num_groups is small.
 //        NCHW: a group is one contiguous run of (C/G) * HW values; block (ng, split) reduces one
 //              chunk of it with 16-byte vector loads where aligned.
-//        channels-last: block (channel tile of 32, pixel split, n), threads (32 channels x 8 pixel
-//              rows); one partial per (n, c, split), which lie contiguously per group.
+//        channels-last: block (n * channel tiles + channel tile of 32, pixel split), threads
+//              (32 channels x 8 pixel rows); one partial per (n, c, split), which lie contiguously
+//              per group.
+//      Grid axis y (limit 65535, queried) only holds splits, which are clamped to it; N * groups
+//      and N * channel tiles go on axis x (limit 2^31 - 1, checked).
 //      Threads sum values shifted by one value of their slice (s1, s2 in fp32 over a few values
 //      each), then merge with Chan's formula (warp shuffles + shared memory).
 //   2. coefficients: one block per (n, group) merges the group's partials and writes the
@@ -112,15 +115,17 @@ moments_nchw_kernel(const T* __restrict__ x, index_t group_len, index_t chunk,
   if (threadIdx.x == 0) partial[static_cast<int64_t>(ng) * gridDim.y + blockIdx.y] = m;
 }
 
-// grid (ceil(C / 32), splits, N), block (32, 8). Thread (tx, ty) sums channel
-// c = 32 * blockIdx.x + tx over the pixels p = begin + ty, begin + ty + 8, ... of its split.
+// grid (N * ceil(C / 32), splits), block (32, 8): blockIdx.x = n * tiles + tile. Thread (tx, ty)
+// sums channel c = 32 * tile + tx of sample n over the pixels p = begin + ty, begin + ty + 8, ...
+// of its split.
 template <typename T, typename index_t>
 __global__ void __launch_bounds__(kTileChannels* kTileRows)
 moments_channels_last_kernel(const T* __restrict__ x, index_t pixels, index_t channels,
                              index_t chunk_px, Moments<float>* __restrict__ partial) {
   __shared__ Moments<float> tile[kTileRows][kTileChannels];
-  const index_t n = blockIdx.z;
-  const index_t c = static_cast<index_t>(blockIdx.x) * kTileChannels + threadIdx.x;
+  const index_t tiles = (channels + kTileChannels - 1) / kTileChannels;
+  const index_t n = static_cast<index_t>(blockIdx.x) / tiles;
+  const index_t c = static_cast<index_t>(blockIdx.x) % tiles * kTileChannels + threadIdx.x;
   const index_t p_begin = static_cast<index_t>(blockIdx.y) * chunk_px;
   const index_t p_end = imin<index_t>(pixels, p_begin + chunk_px);
   Moments<float> m = gn::moments_empty<float>();
@@ -237,6 +242,13 @@ int64_t sm_count() {
   return cache[device];
 }
 
+// A grid dimension limit of the current device (cudaDevAttrMaxGridDim{X,Y,Z}).
+int64_t max_grid_dim(cudaDeviceAttr axis) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, axis, c10::cuda::current_device()));
+  return value;
+}
+
 using gn::Problem;
 
 template <typename T, int kVec, typename index_t>
@@ -245,6 +257,10 @@ void launch(const Problem& p, const T* x, T* y, const at::TensorOptions& float_o
   const int64_t sms = sm_count();
   const int64_t target_blocks = 2 * sms;
   const int64_t cg = p.c / p.groups, ng = p.n * p.groups;
+  const int64_t max_x = max_grid_dim(cudaDevAttrMaxGridDimX);
+  const int64_t max_y = max_grid_dim(cudaDevAttrMaxGridDimY);
+  DDPM_CHECK(ng <= max_x, "group_norm_scale_shift: N * num_groups = ", ng,
+             " blocks exceed the grid limit ", max_x);
 
   // 1. moments -> partial (ng, per_group)
   int64_t per_group;
@@ -253,7 +269,7 @@ void launch(const Problem& p, const T* x, T* y, const at::TensorOptions& float_o
     const int64_t group_len = cg * p.pixels;
     const int64_t max_splits = std::max<int64_t>(1, ceil_div(group_len, kThreads * kVec * 4));
     int64_t splits = std::clamp<int64_t>(ceil_div(target_blocks, ng), 1,
-                                         std::min<int64_t>(max_splits, 65535));
+                                         std::min<int64_t>(max_splits, max_y));
     const int64_t chunk = ceil_div(ceil_div(group_len, splits), kVec) * kVec;
     splits = ceil_div(group_len, chunk);
     per_group = splits;
@@ -265,16 +281,17 @@ void launch(const Problem& p, const T* x, T* y, const at::TensorOptions& float_o
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     const int64_t tiles = ceil_div(p.c, kTileChannels);
+    DDPM_CHECK(tiles * p.n <= max_x, "group_norm_scale_shift: N * ceil(C / 32) = ", tiles * p.n,
+               " blocks exceed the grid limit ", max_x);
     const int64_t max_splits = std::max<int64_t>(1, ceil_div(p.pixels, kTileRows * 8));
     int64_t splits = std::clamp<int64_t>(ceil_div(target_blocks, tiles * p.n), 1,
-                                         std::min<int64_t>(max_splits, 65535));
+                                         std::min<int64_t>(max_splits, max_y));
     const int64_t chunk_px = ceil_div(p.pixels, splits);
     splits = ceil_div(p.pixels, chunk_px);
     per_group = cg * splits;
     partial = at::empty({ng * per_group * 3}, float_opts);
     moments_channels_last_kernel<T, index_t>
-        <<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits),
-                static_cast<unsigned>(p.n)),
+        <<<dim3(static_cast<unsigned>(tiles * p.n), static_cast<unsigned>(splits)),
            dim3(kTileChannels, kTileRows), 0, stream>>>(
             x, static_cast<index_t>(p.pixels), static_cast<index_t>(p.c),
             static_cast<index_t>(chunk_px),
