@@ -27,6 +27,8 @@ differentiable computation runs instead.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -48,8 +50,19 @@ def _records_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+@functools.lru_cache(maxsize=None)
+def _onednn_bf16() -> bool:
+    """oneDNN's bf16 kernels need AVX-512 (bw, vl, dq) or AVX-NE-CONVERT; without them its weight
+    reorder raises, so bf16 models take the plain ops on such CPUs."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype
+    return (x.device.type == "cpu" and weight.dtype == x.dtype
+            and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _onednn_bf16()))
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
