@@ -72,8 +72,11 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     """The model and the sampler's options (shared by sample, demo and restore)."""
     p.add_argument("--checkpoint", help="guided-diffusion checkpoint (.pt or .safetensors)")
     p.add_argument("--flags", help="guided-diffusion MODEL_FLAGS + DIFFUSION_FLAGS of the checkpoint")
-    p.add_argument("--steps", default="250", help='respacing: "250", "ddim25", "10,15,20"')
+    p.add_argument("--steps", default="250",
+                   help='respacing: "250", "ddim25", "10,15,20", "quad50", "pow2:50"')
     p.add_argument("--skip", default=None, help="the seed's step skipping K (int) or 'quadratic'")
+    p.add_argument("--noise-until", type=int, default=None, metavar="K",
+                   help="only the first K reverse steps add noise (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method", choices=("ddpm", "ddim"), default="ddpm")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1]")
@@ -98,6 +101,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, num_samples: int, batch_si
                    help="sharded, resumable mode (works under torchrun): chunks + manifest in this "
                         "directory, merged into --out at the end")
     p.add_argument("--chunk-size", type=int, default=batch_size, help="samples per chunk file")
+    p.add_argument("--truncate", type=float, default=None, metavar="F",
+                   help="start at timestep round(F T) - 1 of the process, F in (0, 1] (e.g. 0.8)")
     p.add_argument("--labels", choices=("balanced", "random"), default="balanced",
                    help="sharded mode: label of sample i is i mod K, or seeded random")
     p.add_argument("--max-chunks", type=int, default=None,
@@ -110,7 +115,7 @@ def _sampler_options(args) -> dict:
     skip = None if args.skip is None else (args.skip if args.skip == "quadratic" else int(args.skip))
     return dict(steps=None if skip is not None else args.steps, skip=skip, batch_size=args.batch_size,
                 method=args.method, eta=args.eta, noise=args.noise, project_noise=args.project_noise,
-                clip_denoised=not args.no_clip_denoised,
+                clip_denoised=not args.no_clip_denoised, noise_until=args.noise_until,
                 clip=None if args.clip is None else tuple(args.clip),
                 guidance_scale=args.guidance_scale, cuda_graph=not args.no_cuda_graph and "auto")
 
@@ -122,7 +127,7 @@ def _sample(args) -> int:
     _check_sampling_args(args)
     model, what = _load_model(args)
     model = model.to(args.device).eval()
-    options = _sampler_options(args)
+    options = dict(_sampler_options(args), truncate=args.truncate)
     if args.out_dir:
         return _sample_sharded(args, model, options)
     labels = _balanced_labels(args.num_samples, model)

@@ -3,7 +3,8 @@
 `Diffusion` holds the noise schedule and every table derived from it in float64 (the seed's
 advice: float32 tables carry errors of order 1e-5), the respacing of guided-diffusion
 (`respace("250")`, `"ddim25"`, `"10,15,20"`, an explicit list) and of diffusers
-(`respace_diffusers(50, "trailing")`), the seed's step skipping (`skip(K)`, `skip("quadratic")`),
+(`respace_diffusers(50, "trailing")`), spacings denser near x0 (`"quad50"`, `"pow2:50"`), the
+truncated process (`truncate(0.8)`), the seed's step skipping (`skip(K)`, `skip("quadratic")`),
 and the per-step coefficient columns of ddpm_fast.step_layout that every step implementation
 (ddpm_fast.reference.diffusion_step, the fused kernels) consumes.
 
@@ -99,7 +100,7 @@ def space_timesteps(num_timesteps: int, spec) -> list[int]:
             counts = [int(part) for part in text.split(",")]
         except ValueError:
             raise ValueError(f"spec {spec!r}: expected an int, 'N', 'a,b,c', 'ddimN', "
-                             "'leadingN'/'trailingN'/'linspaceN' or a list of timesteps") from None
+                             "'leadingN'/'trailingN'/'linspaceN', 'quadN', 'powP:N' or a list of timesteps") from None
     else:
         raise TypeError(f"spec must be an int, a str or a sequence of ints; got {type(spec).__name__}")
     if any(c < 0 for c in counts) or sum(counts) < 1:
@@ -174,6 +175,45 @@ def skip_sequence(num_steps: int, K) -> list[int]:
             seen.add(s)
             out.append(s)
     return out
+
+
+def _check_spaced_count(spec, num_timesteps: int, count: int) -> int:
+    if not 2 <= count <= num_timesteps:
+        raise ValueError(f"spec {spec!r}: the step count must lie in [2, {num_timesteps}]; got {count}")
+    return count
+
+
+def quadratic_timesteps(num_timesteps: int, count: int) -> list[int]:
+    """The DDIM paper code's "quadratic" timestep selection, ascending and without repeats:
+    int(t) for t in linspace(0, sqrt(0.8 T), count) ** 2 (T = num_timesteps), so the largest
+    timestep is 0.8 T and the steps are densest near x0 (respace spec "quadN"). Computed in float64
+    exactly as that code does: where its rounding puts a square just below an integer, the
+    timestep is one less than floor(0.8 T i^2 / (count - 1)^2) (T = 1000: count = 16, 26, 31, 51,
+    ...; T = 60, count = 12: the top timestep is 47, not 48).
+
+    Repeats: where (sqrt(0.8 T) / (count - 1))^2 < 1 the first squares truncate to the same
+    integer (T = 1000: from count = 30 on; "quad50" keeps 49 distinct steps, "quad100" 96). Each
+    timestep is kept once: the DDIM code's step between two equal timesteps leaves x unchanged
+    (it re-noises its own x0 to the same level), so dropping it saves a model call and changes
+    nothing when x0 is not clipped. The step count is then below `count`; read it from the
+    process (`num_timesteps`). Raises ValueError unless 2 <= count <= T."""
+    count = _check_spaced_count(f"quad{count}", num_timesteps, count)
+    ts = np.linspace(0, np.sqrt(num_timesteps * 0.8), count) ** 2
+    return sorted({int(t) for t in ts})
+
+
+def power_timesteps(num_timesteps: int, count: int, power: float) -> list[int]:
+    """The power family of spacings (respace spec "powP:N", e.g. "pow2:50"), ascending and without
+    repeats: round((T - 1) * (i / (N - 1)) ** P) for i = 0 .. N-1 (numpy's round, half to even).
+    P = 1 is even spacing (diffusers' "linspace" timesteps), P > 1 puts the steps closer together
+    near x0 and further apart near T, P < 1 the reverse. Every run starts at T - 1 and ends at 0.
+    Repeats near 0 (when (T - 1) / (N - 1)^P < 1) are kept once, as in `quadratic_timesteps`.
+    Raises ValueError unless P > 0 and 2 <= N <= T."""
+    count = _check_spaced_count(f"pow{power}:{count}", num_timesteps, count)
+    if not (isinstance(power, numbers.Real) and math.isfinite(power) and power > 0):
+        raise ValueError(f"spec 'pow{power}:{count}': the power must be a finite number > 0; got {power!r}")
+    frac = np.arange(count, dtype=np.float64) / (count - 1)
+    return sorted({int(t) for t in np.round((num_timesteps - 1) * frac ** float(power))})
 
 
 # ---- options ----------------------------------------------------------------------------------------
@@ -367,7 +407,9 @@ class Diffusion:
         spec: guided-diffusion's syntax — an int or "N", "a,b,c", "ddimN" (see `space_timesteps`), ""
         keeps every step —,
         diffusers' spacings as "leadingN", "trailingN" or "linspaceN" (steps_offset 0; see
-        `respace_diffusers`), or an explicit sequence/tensor of step indices to keep (any order,
+        `respace_diffusers`), denser near x0: "quadN" (the DDIM code's quadratic spacing up to 0.8 T,
+        `quadratic_timesteps`) and "powP:N" (round((T - 1) (i / (N - 1))^P), `power_timesteps`;
+        both keep a repeated timestep once, so they may give fewer than N steps), or an explicit sequence/tensor of step indices to keep (any order,
         duplicates ignored). Indices refer to THIS process (the original one unless already respaced);
         the new timestep_map maps to the original timesteps. The kept alpha_bar values are unchanged;
         betas are re-derived: 1 - alpha_bar[i] / alpha_bar[previous kept] (1 for the first).
@@ -378,6 +420,12 @@ class Diffusion:
             m = re.fullmatch(r"\s*(leading|trailing|linspace):?(\d+)\s*", spec)
             if m:
                 return self.respace_diffusers(int(m.group(2)), m.group(1))
+            m = re.fullmatch(r"\s*quad(\d+)\s*", spec)
+            if m:
+                return self._subset(quadratic_timesteps(self.num_timesteps, int(m.group(1))))
+            m = re.fullmatch(r"\s*pow(\d+(?:\.\d*)?|\.\d+):(\d+)\s*", spec)
+            if m:
+                return self._subset(power_timesteps(self.num_timesteps, int(m.group(2)), float(m.group(1))))
             kept = space_timesteps(self.num_timesteps, spec)
         elif isinstance(spec, numbers.Integral) and not isinstance(spec, bool):
             kept = space_timesteps(self.num_timesteps, spec)
@@ -408,6 +456,22 @@ class Diffusion:
         """The seed's step skipping: respace to `skip_sequence(num_timesteps, K)` (K an int >= 1 or
         "quadratic"). For N = 10, K = 3 the visited steps are 9, 8, 5, 2, 1, 0; step 0 goes to x_0."""
         return self._subset(sorted(skip_sequence(self.num_timesteps, K)))
+
+    def truncate(self, fraction: float) -> "Diffusion":
+        """The first round(fraction * S) steps of this process (S = num_timesteps): a reverse process
+        that starts at timestep_map[n - 1] instead of the last one (fraction 0.8 of T = 1000: at
+        timestep 799, leaving out the noisiest 20% of the timesteps, which seed 004 finds carry
+        almost no signal under a linear schedule). Respace the result to choose its steps
+        (ddpm_fast.sample(steps=50, truncate=0.8): 50 steps over timesteps 0 .. 799). fraction 1
+        returns an equal process. Raises ValueError unless 0 < fraction <= 1 and at least one step
+        is kept; TypeError for a non-number."""
+        if not isinstance(fraction, numbers.Real) or isinstance(fraction, bool):
+            raise TypeError(f"truncate must be a number in (0, 1]; got {type(fraction).__name__}")
+        n = round(float(fraction) * self.num_timesteps)
+        if not 0.0 < float(fraction) <= 1.0 or n < 1:
+            raise ValueError(f"truncate must lie in (0, 1] and keep at least one of the {self.num_timesteps} "
+                             f"steps; got {fraction!r}")
+        return self._subset(list(range(n)))
 
     def _subset(self, kept: list[int]) -> "Diffusion":
         ac = self.alphas_cumprod.numpy()

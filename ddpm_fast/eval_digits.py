@@ -12,6 +12,7 @@ data) and is checked on the hold-out split (`classifier_accuracy`); nothing is c
     python -m ddpm_fast.eval_digits                       # DDPM 250 and DDIM 50 (eta 0), 1000 samples each
     python -m ddpm_fast.eval_digits --setting ddim:25 --samples 100 --grid samples.png
     python -m ddpm_fast.eval_digits --setting ddim:K8:eta=1:noise=zero --setting ddim:K8:eta=1:project=sample
+    python -m ddpm_fast.eval_digits --setting ddpm:250:until=75 --setting ddim:quad50 --setting ddim:50:truncate=0.8
 """
 from __future__ import annotations
 
@@ -77,8 +78,8 @@ def sample_digits(model, labels: torch.Tensor, seed: int = 0, guidance_scale: fl
                   **sampler) -> torch.Tensor:
     """Class-conditional samples (B, C, H, W) in [-1, 1] of `model` (which carries model.diffusion)
     for labels (B,): the ONE place the evaluation calls a sampler, ddpm_fast.sample with the
-    keyword arguments `sampler` (method, steps or skip, eta, noise, project_noise: see
-    parse_setting), per-sample noise streams from `seed`."""
+    keyword arguments `sampler` (method, steps or skip, eta, noise, project_noise,
+    noise_until, truncate: see parse_setting), per-sample noise streams from `seed`."""
     from .sample import sample
 
     with torch.no_grad():
@@ -87,36 +88,51 @@ def sample_digits(model, labels: torch.Tensor, seed: int = 0, guidance_scale: fl
 
 
 # setting keys -> (ddpm_fast.sample keyword, parser)
-_SETTING_KEYS = {"eta": ("eta", float), "noise": ("noise", str), "project": ("project_noise", str)}
-_SETTING_HELP = ("a setting looks like 'ddpm:250', 'ddim:50', 'ddim:50:eta=1' or "
-                 "'ddim:K8:eta=1:noise=zero:project=sample' (K8 = the seed's step skipping K = 8; "
-                 "keys: eta, noise=normal|squared|zero, project=pixel|sample)")
+_SETTING_KEYS = {"eta": ("eta", float), "noise": ("noise", str), "project": ("project_noise", str),
+                 "until": ("noise_until", int), "truncate": ("truncate", float)}
+_SETTING_HELP = ("a setting looks like 'ddpm:250', 'ddim:50', 'ddim:50:eta=1', "
+                 "'ddim:K8:eta=1:noise=zero:project=sample' (K8 = the seed's step skipping K = 8), "
+                 "'ddim:quad50' or 'ddim:pow2:50' (spacings denser near x0), 'ddpm:100:until=30' or "
+                 "'ddim:50:truncate=0.8' (keys: eta, noise=normal|squared|zero, project=pixel|sample, "
+                 "until=K noise in the first K steps only, truncate=F start at F T)")
 
 
 def parse_setting(setting: str) -> dict:
     """A sampler setting -> the keyword arguments of ddpm_fast.sample it stands for.
 
     'METHOD:SPACING[:key=value...]': METHOD ddpm or ddim; SPACING N (respaced to N steps, DDIM with
-    guided-diffusion's 'ddimN' spacing) or KN (the seed's step skipping K = N); keys eta,
-    noise (normal|squared|zero) and project (pixel|sample), e.g. 'ddim:K8:eta=1:noise=zero'."""
+    guided-diffusion's 'ddimN' spacing), KN (the seed's step skipping K = N), quadN (the DDIM
+    code's quadratic spacing) or powP:N (the power family, Diffusion.respace); keys eta, noise
+    (normal|squared|zero), project (pixel|sample), until (noise_until, an int) and truncate (a
+    fraction), e.g. 'ddim:K8:eta=1:noise=zero', 'ddpm:250:until=75', 'ddim:50:truncate=0.8'."""
     parts = setting.split(":") if isinstance(setting, str) else []
     if len(parts) < 2 or parts[0] not in ("ddpm", "ddim"):
         raise ValueError(f"{_SETTING_HELP}; got {setting!r}")
-    method, spacing = parts[0], parts[1]
+    method, spacing, keys = parts[0], parts[1], parts[2:]
     out: dict = {"method": method}
     try:
         if spacing[:1] == "K":
-            out.update(steps=None, skip=int(spacing[1:]))
+            count = int(spacing[1:])
+            out.update(steps=None, skip=count)
+        elif spacing.startswith("quad"):
+            count = int(spacing[len("quad"):])
+            out["steps"] = spacing
+        elif spacing.startswith("pow"):
+            power, count = float(spacing[len("pow"):]), int(keys[0])
+            if not 0 < power < float("inf"):
+                raise ValueError
+            out["steps"] = f"{spacing}:{count}"
+            keys = keys[1:]
         else:
-            n = int(spacing)
-            out["steps"] = f"ddim{n}" if method == "ddim" else str(n)
-        if int(spacing.lstrip("K")) < 1:
+            count = int(spacing)
+            out["steps"] = f"ddim{count}" if method == "ddim" else str(count)
+        if count < 1:
             raise ValueError
-        for item in parts[2:]:
+        for item in keys:
             key, value = item.split("=")
             name, kind = _SETTING_KEYS[key]
             out[name] = kind(value)
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, IndexError):
         raise ValueError(f"{_SETTING_HELP}; got {setting!r}") from None
     return out
 

@@ -8,6 +8,7 @@ so torch.cuda.graph can record all of it (graphs.py).
 from __future__ import annotations
 
 import hashlib
+import numbers
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
@@ -15,7 +16,7 @@ import torch
 
 from . import ops, philox
 from .diffusion import classifier_gradient
-from .step_layout import METHODS, NOISE_MODES, PROJECTIONS, code
+from .step_layout import METHODS, NOISE_MODES, NONZERO, PROJECTIONS, code
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -103,15 +104,72 @@ def make_plan(diffusion, options: StepOptions, eta: float, device: torch.device)
                 options=options)
 
 
+def check_noise_until(noise_until) -> int | None:
+    """Validate `noise_until` (None or an int >= 0): TypeError / ValueError naming it."""
+    if noise_until is None:
+        return None
+    if not isinstance(noise_until, numbers.Integral) or isinstance(noise_until, bool):
+        raise TypeError(f"noise_until must be None or an int >= 0 (the number of reverse steps that add "
+                        f"noise); got {type(noise_until).__name__}")
+    if noise_until < 0:
+        raise ValueError(f"noise_until must be >= 0; got {noise_until}")
+    return int(noise_until)
+
+
+def with_noise_until(plan: Plan, noise_until: int | None, start: int | None = None) -> Plan:
+    """The plan whose steps add noise only during the first `noise_until` reverse steps (seed 003's
+    "stopping Gaussian noise after k inference steps").
+
+    The reverse process starts at step index `start` (default S - 1) and goes down, so the noisy
+    steps are start, start - 1, ..., start - k + 1; every step index <= start - k gets 0 in its
+    NONZERO coefficient column, which every step implementation (reference, CPU C++, CUDA, Triton)
+    multiplies the noise by. The loop stays one static loop (nothing but a per-step coefficient
+    changes), the DDPM step becomes its posterior mean, DDIM keeps its eta's direction term
+    (DDIM_DIR) and only drops the sigma * z term. noise_until >= start + 1 (or None) returns the
+    plan unchanged; 0 gives a noise-free reverse process."""
+    k = check_noise_until(noise_until)
+    start = plan.num_steps - 1 if start is None else int(start)
+    if k is None or k > start:
+        return plan
+    coef = plan.coef.clone()
+    coef[:start - k + 1, NONZERO] = 0.0
+    return replace(plan, coef=coef)
+
+
 def initial_noise(seeds: torch.Tensor, sample_shape: tuple[int, ...],
-                  clip: tuple[float, float] | None = None,
+                  clip: tuple[float, float] | None = None, scale: float = 1.0,
                   step: int | torch.Tensor = philox.INITIAL_NOISE_STEP) -> torch.Tensor:
     """x_T for each sample's seed (B,) int64 -> (B, *sample_shape) float32, from the same
-    counter-based generator as the steps' noise (its own step id), clamped when `clip` is set.
-    step: x_T's step id, best the plan's `initial_step` tensor (no host-to-device copy inside a
-    captured loop)."""
+    counter-based generator as the steps' noise (its own step id), times `scale` (a truncated
+    process's start_noise_scale), clamped when `clip` is set. step: x_T's step id, best the
+    plan's `initial_step` tensor (no host-to-device copy inside a captured loop)."""
     x = philox.initial_noise(seeds, sample_shape, step=step)
+    if scale != 1.0:
+        x = x * scale
     return x if clip is None else x.clamp(clip[0], clip[1])
+
+
+def reverse_process(diffusion, steps=None, skip=None, truncate: float | None = None):
+    """The process a sampler runs: `diffusion` truncated to its first `truncate` fraction of steps
+    (Diffusion.truncate; None keeps them all), then step-skipped (`skip`: Diffusion.skip) or
+    respaced (`steps`: Diffusion.respace; None keeps every step)."""
+    base = diffusion if truncate is None else diffusion.truncate(truncate)
+    if skip is not None:
+        return base.skip(skip)
+    return base if steps is None else base.respace(steps)
+
+
+def start_noise_scale(diffusion, truncate: float | None) -> float:
+    """The stddev of a truncated process's drawn x_T: sqrt(1 - alpha_bar) of the timestep it starts
+    at (the noise of q(x_t | x_0) with nothing known of x_0), 1.0 when nothing is truncated. For a
+    linear schedule at 0.8 T it is 0.9993 (x_T ~ N(0, I) as in the DDIM code's quadratic runs); for
+    the cosine schedule at 0.8 T, 0.95."""
+    if truncate is None:
+        return 1.0
+    process = diffusion.truncate(truncate)
+    if process.num_timesteps == diffusion.num_timesteps:
+        return 1.0
+    return float(process.sqrt_one_minus_alphas_cumprod[-1])
 
 
 def reverse_loop(model_fn: ModelFn, plan: Plan, x: torch.Tensor, seeds: torch.Tensor | None, *,

@@ -14,7 +14,7 @@ import torch
 
 from . import philox, validate
 from .diffusion import check_class_labels
-from .loop import StepOptions, make_plan, reverse_loop
+from .loop import StepOptions, check_noise_until, make_plan, reverse_loop, reverse_process, with_noise_until
 from .reference import predicted_x0
 from .sample import _model_fn, sample_seeds, seeded_labels
 from .step_layout import SQRT_1M_AB, SQRT_AB, SQRT_AB_PREV
@@ -71,7 +71,8 @@ def restore(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor | No
             diffusion=None, class_labels=None, guidance_scale: float | None = None,
             eta: float = 0.0, noise: str = "normal", project_noise: str | None = None,
             clip_denoised: bool = True, clip: tuple[float, float] | None = None,
-            skip: int | str | None = None, reconstruction_guidance: float | None = None, seed: int = 0,
+            skip: int | str | None = None, noise_until: int | None = None,
+            reconstruction_guidance: float | None = None, seed: int = 0,
             progress: bool = True, backend: str = "auto") -> torch.Tensor:
     """Restore images with a diffusion model.
 
@@ -93,6 +94,9 @@ def restore(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor | No
             process from there (SDEdit). None: start from pure noise (inpainting).
         jump_length, jump_n_sample: RePaint resampling (jump_n_sample = 1: no resampling);
             jump_n_sample defaults to 3 with a mask, 1 without.
+        noise_until: k: only the first k reverse steps from the start (step indices start ..
+            start - k + 1, start = S - 1 or strength's) add noise, as in ddpm_fast.sample; a step
+            revisited by a RePaint jump keeps its own choice (decided per step index, not per visit).
         reconstruction_guidance: weight w >= 0 of reconstruction guidance (Ho et al. 2022, "Video
             Diffusion Models", sec. 3.1) for inpainting: each step is also guided by
             -w * sqrt(ab_t) * d/dx_t |mask * (x0_hat(x_t) - image)|^2, the gradient through the
@@ -148,8 +152,8 @@ def restore(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor | No
 
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    process = diffusion.skip(skip) if skip is not None else (
-        diffusion if steps is None else diffusion.respace(steps))
+    noise_until = check_noise_until(noise_until)
+    process = reverse_process(diffusion, steps, skip)
     options = StepOptions(method=method, prediction=diffusion.prediction, variance=diffusion.variance,
                           clip_denoised=clip_denoised, noise_mode=noise, project_noise=project_noise,
                           clip=None if clip is None else (float(clip[0]), float(clip[1])))
@@ -192,6 +196,7 @@ def restore(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor | No
         x = philox.initial_noise(seeds, shape)
     if options.clip is not None:
         x = x.clamp(*options.clip)
+    plan = with_noise_until(plan, noise_until, start)
     schedule = repaint_schedule(start + 1, jump_length, jump_n_sample)
     visits = 0
     with torch.no_grad():

@@ -17,7 +17,8 @@ import torch
 
 from . import graphs, validate
 from .diffusion import check_class_labels, guided_model_output
-from .loop import StepOptions, initial_noise, make_plan, reverse_loop
+from .loop import (StepOptions, check_noise_until, initial_noise, make_plan, reverse_loop, reverse_process,
+                   start_noise_scale, with_noise_until)
 
 SEED_BITS = 32
 
@@ -71,6 +72,7 @@ def sample(model: torch.nn.Module, steps: int | str | Sequence[int] | None = 250
            class_labels=None, method: str = "ddpm", eta: float = 0.0, stochasticity: float | None = None,
            noise: str = "normal", project_noise: str | None = None, clip_denoised: bool = True,
            clip: tuple[float, float] | None = None, skip: int | str | None = None,
+           noise_until: int | None = None, truncate: float | None = None,
            cond_fn: Callable | None = None, guidance_scale: float | None = None,
            null_label: int | None = None, x_T: torch.Tensor | None = None, seed: int | None = None,
            generator: torch.Generator | None = None, progress: bool = True,
@@ -94,6 +96,13 @@ def sample(model: torch.nn.Module, steps: int | str | Sequence[int] | None = 250
         project_noise: None, "pixel" or "sample" (the seed's noise projection).
         clip_denoised: clamp predicted x0 to [-1, 1]. clip: (lo, hi) clamps x_T and every x_t.
         skip: the seed's step skipping K (an int >= 1) or "quadratic", instead of steps.
+        noise_until: k >= 0: only the first k reverse steps add noise, later ones add none
+            (DDPM: the posterior mean; DDIM: its eta's direction term kept); None (or k >= the
+            number of steps): every step as configured; 0: no step noise (seed 003).
+        truncate: fraction in (0, 1]: run only the first round(fraction * T) timesteps of the
+            diffusion (respaced by `steps` / `skip`), from an x_T drawn with the noise stddev
+            sqrt(1 - alpha_bar) of the timestep it starts at (seed 004: the last 20% of a linear
+            schedule's timesteps carry almost no signal). A given x_T is used as it is.
         cond_fn: classifier guidance, cond_fn(x, t, y=labels, **model_kwargs) -> grad (eager only).
         guidance_scale: classifier-free guidance scale s (needs a model trained with a null
             label; `null_label` defaults to model.null_label).
@@ -157,8 +166,9 @@ def sample(model: torch.nn.Module, steps: int | str | Sequence[int] | None = 250
         raise ValueError(f"cuda_graph must be 'auto', True or False; got {cuda_graph!r}")
     if skip is not None and steps not in (None, 250):
         raise ValueError("give either steps or skip (the seed's K step skipping), not both")
-    process = diffusion.skip(skip) if skip is not None else (
-        diffusion if steps is None else diffusion.respace(steps))
+    noise_until = check_noise_until(noise_until)
+    process = reverse_process(diffusion, steps, skip, truncate)
+    x_T_scale = start_noise_scale(diffusion, truncate)
     options = StepOptions(method=method, prediction=diffusion.prediction, variance=diffusion.variance,
                           clip_denoised=clip_denoised, noise_mode=noise, project_noise=project_noise,
                           clip=None if clip is None else (float(clip[0]), float(clip[1])))
@@ -205,7 +215,7 @@ def sample(model: torch.nn.Module, steps: int | str | Sequence[int] | None = 250
         return (empty, empty.clone()) if return_x0 else empty
 
     # the plan on the host first: its digest (the graph cache's key) costs no device sync
-    plan = make_plan(process, options, eta, "cpu")
+    plan = with_noise_until(make_plan(process, options, eta, "cpu"), noise_until)
     use_graph = _use_graph(cuda_graph, device, cond_fn)
     plan_digest = plan.digest() if use_graph else None
     plan = plan.to(device)
@@ -222,7 +232,7 @@ def sample(model: torch.nn.Module, steps: int | str | Sequence[int] | None = 250
     def loop(plan, seeds, x_T=None, labels=None, **kw_inputs):
         # everything a captured graph reads comes in through the arguments (static inputs and
         # the plan it owns) or is the model's; nothing here makes a tensor from a host value
-        x = initial_noise(seeds, shape, options.clip, step=plan.initial_step) if x_T is None else (
+        x = initial_noise(seeds, shape, options.clip, x_T_scale, step=plan.initial_step) if x_T is None else (
             x_T if options.clip is None else x_T.clamp(*options.clip))
         kwargs = {**kw_values, **{k[len(_KW):]: v for k, v in kw_inputs.items()}}
         fn = _model_fn(model, labels, guidance_scale, null_label, dtype, kwargs)
@@ -249,7 +259,7 @@ def sample(model: torch.nn.Module, steps: int | str | Sequence[int] | None = 250
         captured = None
         if use_graph:
             key = (b, shape, dtype, plan_digest, options, guidance_scale, null_label, return_x0, backend,
-                   _values_key(kw_values),
+                   x_T_scale, _values_key(kw_values),
                    tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in sorted(inputs.items())))
             captured, new = _captured_loop(model, key, loop, plan, inputs, device, cuda_graph)
         with torch.no_grad():

@@ -12,6 +12,15 @@ an EMA of the weights (decay warm-up min(decay, (1 + step) / (ema_warmup + step)
 dropout to the null class `num_classes - 1`, so one model samples unconditionally and with
 classifier-free guidance.
 
+Gradient accumulation (`grad_accum` N): the loss averaged over N micro-batches of batch_size, one
+optimizer step and one EMA update per N (effective batch N * batch_size, in log.jsonl and the
+checkpoint). Augmentation (`augment` "flip,rot:DEG", seed 002): horizontal flips with probability
+0.5 and rotations uniform in [-DEG, DEG]; the corners a rotation brings in take each image's
+background value (the median of its outer ring: -1, blank paper, for the digits). Zero padding
+would put 0 there, mid grey in [-1, 1]: a frame the model learns and reproduces (seed 002's black
+bezels on faces); a digit rotated by 45 degrees keeps corners of exactly -1 with the background
+fill and gets mid-grey corners with zero padding (tests/test_train.py).
+
 Checkpoints (`checkpoint.pt` in the run directory) hold the model, the EMA, the optimizer, the
 step, the config and the state of the one generator all the training's random draws come from, so
 a resumed run continues exactly as an uninterrupted one would. They are written atomically (a
@@ -189,6 +198,80 @@ def training_losses(model, diffusion: Diffusion, x0: torch.Tensor, idx: torch.Te
     return terms
 
 
+# ---- augmentation ---------------------------------------------------------------------------------
+
+def parse_augment(spec: str) -> tuple[bool, float]:
+    """An augmentation spec -> (flip, max rotation in degrees).
+
+    spec: "" (none) or comma-separated items "flip" (horizontal flip with probability 0.5) and
+    "rot:DEG" (rotation by an angle uniform in [-DEG, DEG], 0 < DEG <= 180), e.g. "flip,rot:10".
+    Raises ValueError naming `augment` for anything else."""
+    if not isinstance(spec, str):
+        raise TypeError(f"augment must be a str like 'flip,rot:10'; got {type(spec).__name__}")
+    flip, degrees = False, 0.0
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        if item == "flip" and not flip:
+            flip = True
+            continue
+        if item.startswith("rot:") and not degrees:
+            try:
+                degrees = float(item[len("rot:"):])
+            except ValueError:
+                degrees = float("nan")
+            if 0.0 < degrees <= 180.0:
+                continue
+        raise ValueError(f"augment must be '', 'flip', 'rot:DEG' or 'flip,rot:DEG' (0 < DEG <= 180, each "
+                         f"item once); got {spec!r}")
+    return flip, degrees
+
+
+def background_value(x: torch.Tensor) -> torch.Tensor:
+    """Each image's background value, (B, C, 1, 1): the median of its outermost ring of pixels (the
+    digits: -1, their blank paper)."""
+    ring = torch.cat([x[..., 0, :], x[..., -1, :], x[..., 1:-1, 0], x[..., 1:-1, -1]], dim=-1)
+    return ring.median(dim=-1).values[..., None, None]
+
+
+def rotate(x: torch.Tensor, degrees: torch.Tensor, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate images x (B, C, H, W) counter-clockwise by `degrees` (B,) about their centre (bilinear).
+    Pixels that come from outside the image take `fill` (B, C, 1, 1) (default: background_value,
+    so a rotated digit keeps its blank paper in the corners; a fill of 0 would be mid grey in
+    [-1, 1]), blended with the image at its edge like any other neighbour."""
+    fill = background_value(x) if fill is None else fill
+    theta = torch.deg2rad(degrees.to(x.dtype))
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    zero = torch.zeros_like(cos)
+    # output pixel (u, v) reads input (cos u - sin v, sin u + cos v) in normalised coordinates
+    # (v pointing down), which turns the picture counter-clockwise as seen on screen
+    affine = torch.stack([torch.stack([cos, -sin, zero], -1), torch.stack([sin, cos, zero], -1)], -2)
+    grid = F.affine_grid(affine, list(x.shape), align_corners=False)
+    return F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+
+
+def draw_augmentation(batch: int, spec: str, generator: torch.Generator, device=None):
+    """The random choices of `spec` (parse_augment) for a batch: (flips (B,) bool or None, angles
+    (B,) float32 degrees or None). A flip has probability 0.5 (one uniform draw per sample); an
+    angle is uniform in [-DEG, DEG] (one uniform draw per sample). No draws for a spec of ""."""
+    flip, degrees = parse_augment(spec)
+    flips = angles = None
+    if flip:
+        flips = torch.rand(batch, generator=generator, device=device) < 0.5
+    if degrees:
+        angles = (torch.rand(batch, generator=generator, device=device) * 2 - 1) * degrees
+    return flips, angles
+
+
+def augment(x: torch.Tensor, spec: str, generator: torch.Generator) -> torch.Tensor:
+    """x (B, C, H, W) with `spec`'s draws (draw_augmentation) applied: the flipped samples mirrored
+    left-right, then every sample rotated by its angle (rotate, background fill)."""
+    flips, angles = draw_augmentation(x.shape[0], spec, generator, x.device)
+    if flips is not None:
+        x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+    if angles is not None:
+        x = rotate(x, angles)
+    return x
+
+
 # ---- checkpoints ----------------------------------------------------------------------------------
 
 def atomic_save(obj, path) -> None:
@@ -230,6 +313,8 @@ class TrainConfig:
     holdout: float = 0.2
     checkpoint_every: int = 500
     log_every: int = 50
+    grad_accum: int = 1             # micro-batches of batch_size per optimizer step (effective batch N * batch_size)
+    augment: str = ""               # "flip", "rot:DEG" or "flip,rot:DEG" (parse_augment); "" = none
 
     def validate(self) -> None:
         if self.loss not in LOSSES:
@@ -242,6 +327,15 @@ class TrainConfig:
             raise ValueError(f"label_dropout must lie in [0, 1); got {self.label_dropout}")
         if self.label_dropout > 0 and not self.unet.get("num_classes"):
             raise ValueError("label_dropout needs a class-conditional model (unet num_classes >= 2)")
+        if not isinstance(self.grad_accum, int) or isinstance(self.grad_accum, bool) or self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be an int >= 1 (micro-batches per optimizer step); "
+                             f"got {self.grad_accum!r}")
+        parse_augment(self.augment)
+
+    @property
+    def effective_batch(self) -> int:
+        """Samples per optimizer step: batch_size * grad_accum."""
+        return self.batch_size * self.grad_accum
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -287,9 +381,13 @@ class Trainer:
 
     # -- one optimisation step --
     def _batch(self):
+        """One micro-batch (x0, y, idx, noise) of config.batch_size drawn from the run's generator:
+        data rows, augmentation (config.augment; no draws when off), timesteps, noise, label dropout."""
         g, b = self.generator, self.config.batch_size
         pick = torch.randint(0, self.x.shape[0], (b,), generator=g, device=self.device)
         x0, y = self.x[pick], self.y[pick]
+        if self.config.augment:
+            x0 = augment(x0, self.config.augment, g)
         idx = torch.randint(0, self.diffusion.num_timesteps, (b,), generator=g, device=self.device)
         noise = torch.randn(x0.shape, generator=g, device=self.device)
         if self.num_classes is None:
@@ -299,20 +397,43 @@ class Trainer:
             y = torch.where(drop, torch.full_like(y, self.num_classes - 1), y)
         return x0, y, idx, noise
 
-    def train_step(self) -> dict:
-        """One AdamW step on a fresh batch; returns the batch-mean losses as floats."""
+    def accumulate_gradients(self) -> dict:
+        """Zero the gradients, then for each of config.grad_accum micro-batches backpropagate its
+        batch-mean loss / grad_accum: the gradients are those of the mean loss over all
+        grad_accum * batch_size samples. Returns each loss term's mean over those samples (floats)."""
         cfg = self.config
-        x0, y, idx, noise = self._batch()
-        # the model's own randomness (dropout) is seeded from the run's generator, so a resumed run
-        # repeats it and the global RNG is left alone
-        dropout_seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.generator, device=self.device))
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(dropout_seed)
-            terms = training_losses(self.model, self.diffusion, x0, idx, noise, y, cfg.loss)
-            loss = terms["loss"].mean()
+        self.opt.zero_grad(set_to_none=True)
+        sums: dict = {}
+        for _ in range(cfg.grad_accum):
+            x0, y, idx, noise = self._batch()
+            # the model's own randomness (dropout) is seeded from the run's generator, so a resumed
+            # run repeats it and the global RNG is left alone
+            dropout_seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.generator, device=self.device))
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(dropout_seed)
+                terms = training_losses(self.model, self.diffusion, x0, idx, noise, y, cfg.loss)
+                (terms["loss"].mean() / cfg.grad_accum).backward()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach().mean())
+        return {k: v / cfg.grad_accum for k, v in sums.items()}
+
+    def train_step(self) -> dict:
+        """One AdamW step on config.grad_accum fresh micro-batches (one EMA update); returns the
+        mean losses over them as floats. All micro-batches of a step run inside this call and an
+        interruption during them rewinds the run's generator, so a checkpoint always holds the state
+        between two optimizer steps: a run interrupted mid-accumulation restarts that accumulation
+        cleanly on resume and continues exactly as an uninterrupted run."""
+        cfg = self.config
+        rng = self.generator.get_state()
+        try:
+            out = self.accumulate_gradients()
+        except BaseException:
+            # interrupted mid-accumulation: nothing was applied; rewind the draws so a checkpoint
+            # written now resumes by redoing this step's accumulation whole
+            self.generator.set_state(rng)
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            raise
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                      if cfg.grad_clip > 0 else torch.tensor(float("nan")))
         lr = cfg.lr * min(1.0, (self.step + 1) / cfg.lr_warmup) if cfg.lr_warmup > 0 else cfg.lr
@@ -321,7 +442,6 @@ class Trainer:
         self.opt.step()
         self.step += 1
         self._update_ema()
-        out = {k: float(v.detach().mean()) for k, v in terms.items()}
         out.update(lr=lr, grad_norm=float(grad_norm))
         return out
 
@@ -340,7 +460,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return dict(model=self.model.state_dict(), ema=self.ema.state_dict(), opt=self.opt.state_dict(),
                     step=self.step, elapsed=self.elapsed, config=dataclasses.asdict(self.config),
-                    generator=self.generator.get_state())
+                    effective_batch=self.config.effective_batch, generator=self.generator.get_state())
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -396,7 +516,8 @@ class Trainer:
                     last = {k: v / count for k, v in sums.items()}
                     bar.set_postfix(loss=f"{last['loss']:.4f}", mse=f"{last['mse']:.4f}")
                     if log is not None:
-                        log.write(json.dumps(dict(step=self.step, elapsed=round(self.elapsed, 1), **last)) + "\n")
+                        log.write(json.dumps(dict(step=self.step, elapsed=round(self.elapsed, 1),
+                                                  effective_batch=cfg.effective_batch, **last)) + "\n")
                         log.flush()
                     sums, count = {}, 0
                 if self.out_dir is not None and self.step % cfg.checkpoint_every == 0:
@@ -442,7 +563,9 @@ class Trainer:
             data=dict(source="sklearn.datasets.load_digits", image_size=cfg.image_size, upsample=cfg.upsample,
                       holdout=cfg.holdout, range=[-1, 1]),
             training=dict(steps=self.step, seconds=round(self.elapsed, 1), loss=cfg.loss, lr=cfg.lr,
-                          batch_size=cfg.batch_size, ema_decay=cfg.ema_decay, label_dropout=cfg.label_dropout,
+                          batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                          effective_batch=cfg.effective_batch, augment=cfg.augment,
+                          ema_decay=cfg.ema_decay, label_dropout=cfg.label_dropout,
                           seed=cfg.seed, final_losses=self._final_losses(), **(extra or {})),
         )
         json_path.write_text(json.dumps(meta, indent=2) + "\n")

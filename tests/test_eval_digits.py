@@ -57,7 +57,13 @@ def test_metric_helpers():
     assert E.parse_setting("ddpm:250") == dict(method="ddpm", steps="250")
     assert E.parse_setting("ddim:K8:eta=1:noise=zero:project=sample") == dict(
         method="ddim", steps=None, skip=8, eta=1.0, noise="zero", project_noise="sample")
-    for bad in ("euler:10", "ddim", "ddim:0", "ddim:K0", "ddim:Kx", "ddim:50:eta", "ddim:50:temp=1", 50):
+    assert E.parse_setting("ddpm:100:until=30") == dict(method="ddpm", steps="100", noise_until=30)
+    assert E.parse_setting("ddim:quad50") == dict(method="ddim", steps="quad50")
+    assert E.parse_setting("ddim:pow2.5:40:eta=1") == dict(method="ddim", steps="pow2.5:40", eta=1.0)
+    assert E.parse_setting("ddim:50:truncate=0.8") == dict(method="ddim", steps="ddim50", truncate=0.8)
+    for bad in ("euler:10", "ddim", "ddim:0", "ddim:K0", "ddim:Kx", "ddim:50:eta", "ddim:50:temp=1", 50,
+                "ddim:quad", "ddim:quad0", "ddim:pow2", "ddim:pow0:50", "ddim:pow2:x", "ddpm:100:until=0.5",
+                "ddim:50:truncate=x"):
         with pytest.raises(ValueError, match="setting looks like"):
             E.parse_setting(bad)
     with pytest.raises(ValueError, match="images"):

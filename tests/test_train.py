@@ -204,3 +204,131 @@ def test_cli_trains_and_exports(tmp_path):
     # resuming with the same --out continues from step 2
     assert T.main(["--out", str(out), "--steps", "3", "--batch-size", "2", "--num-res-blocks", "1", "--quiet"]) == 0
     assert torch.load(out / T.CHECKPOINT_NAME, weights_only=False)["step"] == 3
+
+
+# ---- gradient accumulation and augmentation (issue 18) ------------------------------------------------
+
+def _no_dropout(**kw):
+    return tiny_config(unet=dict(TINY_UNET, dropout=0.0), **kw)
+
+
+def test_grad_accum_equals_one_batch_of_n_times_b(tiny_data):
+    """3 micro-batches of 4 give the gradients, the AdamW step and the EMA update of one batch of 12
+    (the same 12 samples), within fp32 tolerance, in one optimizer step."""
+    n, b = 3, 4
+    acc = T.Trainer(_no_dropout(grad_accum=n, batch_size=b), data=tiny_data)
+    big = T.Trainer(_no_dropout(grad_accum=1, batch_size=n * b), data=tiny_data)
+    micro = [acc._batch() for _ in range(n)]
+    whole = tuple(torch.cat([m[i] for m in micro]) for i in range(4))
+    feed = iter(micro * 2)
+    acc._batch = lambda: next(feed)
+    big._batch = lambda: whole
+    la, lb = acc.accumulate_gradients(), big.accumulate_gradients()
+    assert la["loss"] == pytest.approx(lb["loss"], rel=1e-5)
+    for (name, p), q in zip(acc.model.named_parameters(), big.model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    acc.train_step()
+    big.train_step()
+    assert acc.step == big.step == 1
+    assert all(s["step"] == 1 for s in acc.opt.state_dict()["state"].values())
+    for p, q in zip(acc.model.parameters(), big.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    for p, q in zip(acc.ema.parameters(), big.ema.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    fresh = T.Trainer(_no_dropout(), data=tiny_data)
+    assert any((p - q).abs().max() > 1e-4 for p, q in zip(acc.model.parameters(), fresh.model.parameters()))
+
+
+def test_grad_accum_logs_effective_batch_and_resumes_mid_accumulation(tmp_path, tiny_data):
+    """Interrupted in the 2nd micro-batch of step 2 (of 3 per step), resumed from the checkpoint
+    written at the interruption (step 1) and finished: identical to an uninterrupted run."""
+    a = T.Trainer(tiny_config(grad_accum=3), out_dir=tmp_path / "a", data=tiny_data)
+    a.fit(steps=3, progress=False)
+    lines = [json.loads(l) for l in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert lines and all(l["effective_batch"] == 12 for l in lines)
+    saved = torch.load(tmp_path / "a" / T.CHECKPOINT_NAME, weights_only=False)
+    assert saved["effective_batch"] == 12 and saved["config"]["grad_accum"] == 3
+
+    b = T.Trainer(tiny_config(grad_accum=3), out_dir=tmp_path / "b", data=tiny_data)
+    real_batch, calls = b._batch, []
+
+    def interrupted_batch():
+        calls.append(1)
+        if len(calls) == 5:
+            b.generator.manual_seed(123)    # even a disturbed generator is rewound
+            raise KeyboardInterrupt
+        return real_batch()
+
+    b._batch = interrupted_batch
+    with pytest.raises(KeyboardInterrupt):
+        b.fit(steps=3, progress=False)
+    assert torch.load(tmp_path / "b" / T.CHECKPOINT_NAME, weights_only=False)["step"] == 1
+    c = T.Trainer.resume(tmp_path / "b" / T.CHECKPOINT_NAME, out_dir=tmp_path / "b", data=tiny_data)
+    c.fit(steps=3, progress=False)
+    _assert_same_state(a, c)
+
+
+def test_grad_accum_and_augment_are_checked():
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="grad_accum"):
+            T.TrainConfig(grad_accum=bad).validate()
+    for bad in ("flop", "rot", "rot:0", "rot:200", "rot:x", "flip,flip", "rot:5,rot:6"):
+        with pytest.raises(ValueError, match="augment"):
+            T.parse_augment(bad)
+    assert T.parse_augment("flip,rot:12.5") == (True, 12.5)
+    assert T.parse_augment("rot:7") == (False, 7.0) and T.parse_augment("") == (False, 0.0)
+
+
+def test_rotation_is_exact_at_right_angles_and_fills_with_the_background():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 8, 8, generator=g) * 2 - 1
+    turned = T.rotate(x, torch.tensor([90.0, -90.0]))
+    torch.testing.assert_close(turned[0], torch.rot90(x[0], 1, (-2, -1)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(turned[1], torch.rot90(x[1], -1, (-2, -1)), atol=1e-5, rtol=0)
+    # a digit on blank paper (-1): rotated by 45 degrees its corners stay blank paper; a fill of 0
+    # (what zero padding gives in [-1, 1]) would put mid-grey triangles there
+    digit = torch.full((1, 1, 16, 16), -1.0)
+    digit[..., 4:12, 6:10] = 0.8
+    assert T.background_value(digit).item() == -1.0
+    ours = T.rotate(digit, torch.tensor([45.0]))
+    zero = T.rotate(digit, torch.tensor([45.0]), fill=torch.zeros(1, 1, 1, 1))
+    for corner in (ours[..., 0, 0], ours[..., 0, -1], ours[..., -1, 0], ours[..., -1, -1]):
+        assert corner.item() == pytest.approx(-1.0, abs=1e-6)
+    assert zero[..., 0, 0].item() == pytest.approx(0.0, abs=1e-6)
+    assert (zero > -0.99).sum() > (ours > -0.99).sum() + 30
+    flat = torch.full((1, 1, 8, 8), 0.3)
+    torch.testing.assert_close(T.rotate(flat, torch.tensor([30.0])), flat, atol=1e-6, rtol=0)
+
+
+def test_augmentation_statistics_and_composition():
+    n, deg = 20000, 10.0
+    flips, angles = T.draw_augmentation(n, "flip,rot:10", torch.Generator().manual_seed(1))
+    assert abs(flips.float().mean().item() - 0.5) < 4 * math.sqrt(0.25 / n)
+    assert angles.abs().max() <= deg and angles.min() < -0.99 * deg and angles.max() > 0.99 * deg
+    assert abs(angles.mean().item()) < 4 * deg / math.sqrt(3 * n)
+    assert angles.var().item() == pytest.approx(deg ** 2 / 3, rel=0.05)        # uniform on [-10, 10]
+    assert abs((angles.abs() < deg / 2).float().mean().item() - 0.5) < 4 * math.sqrt(0.25 / n)
+    assert T.draw_augmentation(4, "", torch.Generator()) == (None, None)
+    # augment = the drawn flips, then the drawn rotations
+    x = T.digits_data(8)["x_train"][:64]
+    got = T.augment(x, "flip,rot:10", torch.Generator().manual_seed(2))
+    f, a = T.draw_augmentation(64, "flip,rot:10", torch.Generator().manual_seed(2))
+    want = T.rotate(torch.where(f[:, None, None, None], x.flip(-1), x), a)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert 0 < f.sum() < 64
+    flipped = T.augment(x, "flip", torch.Generator().manual_seed(3))
+    is_flipped = (flipped == x.flip(-1)).flatten(1).all(1) & ~(flipped == x).flatten(1).all(1)
+    assert 16 < int(is_flipped.sum()) < 48
+
+
+def test_trainer_uses_augmentation(tiny_data):
+    """The trainer's micro-batch is its data pick, augmented with the next draws of the run's
+    generator (seed + 1); without augmentation it is the pick itself."""
+    plain = T.Trainer(tiny_config(), data=tiny_data)
+    aug = T.Trainer(tiny_config(augment="flip,rot:15"), data=tiny_data)
+    x_plain, x_aug = plain._batch()[0], aug._batch()[0]
+    g = torch.Generator().manual_seed(tiny_config().seed + 1)
+    pick = torch.randint(0, tiny_data[0].shape[0], (4,), generator=g)
+    torch.testing.assert_close(x_plain, tiny_data[0][pick], rtol=0, atol=0)
+    torch.testing.assert_close(x_aug, T.augment(tiny_data[0][pick], "flip,rot:15", g), rtol=0, atol=0)
+    assert (x_aug - x_plain).abs().max() > 0.1
