@@ -176,7 +176,8 @@ def restore(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor | No
 
     def keep_known(x: torch.Tensor, s: int) -> torch.Tensor:
         current["s"] = s
-        return x if known is None else known * q_sample(s, _KNOWN_STREAM) + (1 - known) * x
+        # fresh noise on every pass over a step (RePaint): the stream moves with the passes made
+        return x if known is None else known * q_sample(s, _KNOWN_STREAM + visits * num) + (1 - known) * x
 
     cond_fn = None
     if reconstruction_guidance:

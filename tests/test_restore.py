@@ -188,7 +188,7 @@ def test_reconstruction_guidance_gradient():
     restore_module.reverse_loop = spy
     try:
         out = ddpm_fast.restore(model, image, mask, diffusion=d, steps=None, reconstruction_guidance=2.5,
-                                progress=False)
+                                jump_n_sample=1, progress=False)
     finally:
         restore_module.reverse_loop = real_loop
     assert seen == [5, 4, 3, 2, 1, 0]
@@ -216,10 +216,9 @@ def test_inpaint_lower_half_recovers_the_digit(digits):
     mask[..., 8:, :] = 0  # lower half unknown
     masked = x * mask + (1 - mask) * -1.0  # blank (black) lower half
     before = (clf.svc.predict(to_8x8(masked)) == y).mean()
-    # unconditional (null label), RePaint resampling (jumps of 5 steps, 3 passes) with
-    # reconstruction guidance
-    out = ddpm_fast.restore(model, x, mask, steps="50", jump_length=5, jump_n_sample=3,
-                            reconstruction_guidance=10.0, seed=0, progress=False)
+    # restore()'s defaults: unconditional (null label), 50 steps, RePaint resampling (jumps of
+    # 5 steps, 3 passes) with reconstruction guidance 10
+    out = ddpm_fast.restore(model, x, mask, seed=0, progress=False)
     assert torch.equal(out[..., :8, :], x[..., :8, :])
     after = (clf.svc.predict(to_8x8(out)) == y).mean()
     # measured: 27% before, 86% after on these 100 digits (87% on 300; 70% without guidance)
