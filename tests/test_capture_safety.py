@@ -130,6 +130,10 @@ VARIANTS = {
     "remainder_batch": dict(num_samples=3, batch_size=2),
     "x_T": dict(x_T=torch.randn(2, 3, 8, 8)),
     "model_kwargs": dict(model_kwargs={"shift": torch.randn(2, 3, 8, 8)}),
+    # the seed options of issue 18: a per-step noise switch, quadratic spacing, a truncated start
+    "noise_until": dict(noise_until=2),
+    "quad_spacing": dict(method="ddim", steps="quad4"),
+    "truncate": dict(method="ddim", truncate=0.8),
 }
 
 
