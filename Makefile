@@ -11,8 +11,13 @@ else
 PY := $(VENV)/bin/python
 endif
 STAMP := build/.installed-$(subst /,_,$(abspath $(PY)))
+TEST_STAMP := build/.test-deps-$(subst /,_,$(abspath $(PY)))
 SOURCES := setup.py CMakeLists.txt pyproject.toml $(shell find csrc -type f 2>/dev/null)
-PYTEST_ARGS ?=
+# Two pytest workers (pytest-xdist), whole files per worker (module fixtures such as the SIMT
+# build run once): the suite is mostly single-threaded Python and C++ calls, so on a 2-core machine
+# two workers take about half the time of one. PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
+PYTEST_ARGS ?= $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 
 .PHONY: install test demo bench bench-quick bench-compare gpu-check clean
 
@@ -20,17 +25,25 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 
+# Two stamps: the package (torch, the build, the runtime dependencies: all `make demo` needs) and
+# the test/benchmark dependencies (pyproject's [test] extra, installed by name so that adding them
+# does not rebuild the extension).
 $(STAMP): $(SOURCES) | $(PY)
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) "cmake>=3.26" ninja pybind11 "setuptools>=68" wheel
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q --no-build-isolation -e .
 	@mkdir -p build && touch $@
 
-install: $(STAMP)
+$(TEST_STAMP): $(STAMP) pyproject.toml
+	$(PY) -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['test']))" \
+		| xargs -d '\n' $(PY) -m pip install -q
+	@touch $@
+
+install: $(TEST_STAMP)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-demo: install
+demo: $(STAMP)
 	$(PY) -m ddpm_fast.cli demo --out samples.npz --grid samples.png
 
 # The full suite: JSON + markdown table under benchmarks/results/<device>-<date>.*
