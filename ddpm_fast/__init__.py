@@ -3,6 +3,7 @@ from . import ops, reference
 from ._registry import BackendStatus, backends
 from .diffusion import Diffusion
 from .flags import from_flags
+from .from_diffusers import from_diffusers
 from .graphs import clear_cache as clear_graph_cache
 from .images import save_grid, to_images
 from .pretrained import load_pretrained
@@ -12,6 +13,6 @@ from .unet import UNet
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendStatus", "Diffusion", "UNet", "backends", "clear_graph_cache", "from_flags",
-           "load_pretrained", "ops", "reference", "restore", "sample", "save_grid", "to_images",
+__all__ = ["BackendStatus", "Diffusion", "UNet", "backends", "clear_graph_cache", "from_diffusers",
+           "from_flags", "load_pretrained", "ops", "reference", "restore", "sample", "save_grid", "to_images",
            "__version__"]

@@ -48,6 +48,15 @@ def _load_model(args):
         raise ValueError(f"--device must be a torch device such as 'cpu' or 'cuda:0'; got {args.device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA GPU is visible (use --device cpu)")
+    if getattr(args, "diffusers", None):
+        if args.checkpoint or args.flags:
+            raise ValueError("--diffusers PATH is a whole model: give it without --checkpoint/--flags")
+        from .from_diffusers import from_diffusers
+
+        model, diffusion = from_diffusers(args.diffusers)
+        if not diffusion.sample_options()["clip_denoised"]:   # the scheduler's clip_sample=False
+            args.no_clip_denoised = True
+        return model, f"diffusers model {args.diffusers} ({diffusion.scheduler_class})"
     if args.checkpoint or args.flags:
         from .flags import from_flags
 
@@ -72,6 +81,9 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     """The model and the sampler's options (shared by sample, demo and restore)."""
     p.add_argument("--checkpoint", help="guided-diffusion checkpoint (.pt or .safetensors)")
     p.add_argument("--flags", help="guided-diffusion MODEL_FLAGS + DIFFUSION_FLAGS of the checkpoint")
+    p.add_argument("--diffusers", metavar="PATH",
+                   help="a diffusers DDPM model: a pipeline folder (unet/ + scheduler/) or a UNet2DModel "
+                        "save_pretrained folder; --steps N then spaces like its scheduler")
     p.add_argument("--steps", default="250",
                    help='respacing: "250", "ddim25", "10,15,20", "quad50", "pow2:50"')
     p.add_argument("--skip", default=None, help="the seed's step skipping K (int) or 'quadratic'")
@@ -182,7 +194,12 @@ def _check_sampling_args(args) -> None:
 def _sample_sharded(args, model, options) -> int:
     from .distributed import file_sha256, main_log, sharded_sample
 
-    config = {"flags": args.flags, "checkpoint_sha256": file_sha256(args.checkpoint),
+    weights = args.checkpoint
+    if getattr(args, "diffusers", None):
+        from .from_diffusers import weights_file
+        weights = str(weights_file(args.diffusers))
+    config = {"flags": args.flags, "checkpoint_sha256": file_sha256(weights),
+              **({"diffusers": str(args.diffusers)} if getattr(args, "diffusers", None) else {}),
               "num_samples": args.num_samples, "chunk_size": args.chunk_size, "seed": args.seed,
               "labels": args.labels, "out": args.out, **{k: v for k, v in options.items()
                                                          if k not in ("cuda_graph", "batch_size")}}

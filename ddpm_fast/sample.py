@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import graphs, validate
-from .diffusion import check_class_labels, guided_model_output
+from .diffusion import check_class_labels, guided_model_output, validate_step_options
 from .loop import (StepOptions, check_noise_until, initial_noise, make_plan, reverse_loop, reverse_process,
                    start_noise_scale, with_noise_until)
 
@@ -71,8 +71,8 @@ def sample(model: torch.nn.Module, steps: int | str | Sequence[int] | None = 250
            shape: Sequence[int] | None = None, batch_size: int = 1, num_samples: int | None = None,
            class_labels=None, method: str = "ddpm", eta: float = 0.0, stochasticity: float | None = None,
            noise: str = "normal", project_noise: str | None = None, clip_denoised: bool = True,
-           clip: tuple[float, float] | None = None, skip: int | str | None = None,
-           noise_until: int | None = None, truncate: float | None = None,
+           clip: tuple[float, float] | None = None, dynamic_threshold: tuple[float, float] | None = None,
+           skip: int | str | None = None, noise_until: int | None = None, truncate: float | None = None,
            cond_fn: Callable | None = None, guidance_scale: float | None = None,
            null_label: int | None = None, x_T: torch.Tensor | None = None, seed: int | None = None,
            generator: torch.Generator | None = None, progress: bool = True,
@@ -95,6 +95,9 @@ def sample(model: torch.nn.Module, steps: int | str | Sequence[int] | None = 250
         noise: the seed's noise stddev mode, "normal", "squared" or "zero".
         project_noise: None, "pixel" or "sample" (the seed's noise projection).
         clip_denoised: clamp predicted x0 to [-1, 1]. clip: (lo, hi) clamps x_T and every x_t.
+        dynamic_threshold: (ratio, max_value): Imagen's dynamic thresholding of the predicted x0
+            instead of clip_denoised's clamp (per sample: s = clamp(ratio-quantile of |x0|, 1,
+            max_value), x0 = clamp(x0, -s, s) / s; diffusers' `thresholding`); None: off.
         skip: the seed's step skipping K (an int >= 1) or "quadratic", instead of steps.
         noise_until: k >= 0: only the first k reverse steps add noise, later ones add none
             (DDPM: the posterior mean; DDIM: its eta's direction term kept); None (or k >= the
@@ -171,7 +174,9 @@ def sample(model: torch.nn.Module, steps: int | str | Sequence[int] | None = 250
     x_T_scale = start_noise_scale(diffusion, truncate)
     options = StepOptions(method=method, prediction=diffusion.prediction, variance=diffusion.variance,
                           clip_denoised=clip_denoised, noise_mode=noise, project_noise=project_noise,
-                          clip=None if clip is None else (float(clip[0]), float(clip[1])))
+                          clip=None if clip is None else (float(clip[0]), float(clip[1])),
+                          dynamic_threshold=validate_step_options(dynamic_threshold=dynamic_threshold)[
+                              "dynamic_threshold"])
 
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")

@@ -54,17 +54,23 @@ __all__ = ["UNet", "ResBlock", "AttentionBlock", "Downsample", "Upsample", "Time
 # Functional helpers
 # --------------------------------------------------------------------------------------------
 
-def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0, *,
+                       flip_sin_to_cos: bool = True, freq_shift: float = 0.0) -> torch.Tensor:
     """Sinusoidal embedding [cos(t * f), sin(t * f)] of (N,) timesteps (fractional allowed).
 
-    The frequencies are f_i = max_period ** (-i / (dim // 2)), i < dim // 2, in float32; an odd
-    `dim` gets a zero column at the end. Returns (N, dim) float32.
+    The frequencies are f_i = max_period ** (-i / (dim // 2 - freq_shift)), i < dim // 2, in
+    float32, computed as guided-diffusion and diffusers do (exp(-log(max_period) * i / ...)); an
+    odd `dim` gets a zero column at the end. Returns (N, dim) float32.
+    ADM's convention is the default; diffusers' `Timesteps(dim, flip_sin_to_cos, freq_shift)` is
+    the same with its two options (flip_sin_to_cos=False: [sin, cos]; the original DDPM
+    checkpoints use flip_sin_to_cos=False, freq_shift=1).
     """
     half = dim // 2
     freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=timesteps.device)
-                      * (-math.log(max_period) / half))
+                      * -math.log(max_period) / (half - freq_shift))
     args = timesteps.reshape(-1, 1).float() * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    parts = [torch.cos(args), torch.sin(args)]
+    emb = torch.cat(parts if flip_sin_to_cos else parts[::-1], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
@@ -163,15 +169,21 @@ class Upsample(_OpsModule):
 class Downsample(_OpsModule):
     """Stride-2 3x3 conv (`op`) when use_conv, else 2x2 average pooling.
 
+    padding: of the conv, 1 (ADM) or 0: then the image is first padded by one zero row and
+    column at the bottom and right (TensorFlow's "SAME" for stride 2: the original DDPM
+    checkpoints, diffusers' downsample_padding=0).
     (N, channels, H, W) -> (N, out_channels, H/2, W/2)."""
 
-    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None, padding: int = 1):
         super().__init__()
         self.channels = channels
         self.out_channels = out_channels or channels
         self.use_conv = use_conv
+        if padding not in (0, 1):
+            raise ValueError(f"Downsample padding must be 0 or 1; got {padding!r}")
+        self.padding = padding
         if use_conv:
-            self.op = nn.Conv2d(channels, self.out_channels, 3, stride=2, padding=1)
+            self.op = nn.Conv2d(channels, self.out_channels, 3, stride=2, padding=padding)
         else:
             if self.out_channels != channels:
                 raise ValueError(f"Downsample without a conv keeps the channel count; got channels={channels}, "
@@ -179,7 +191,11 @@ class Downsample(_OpsModule):
             self.op = nn.AvgPool2d(kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv("op", self.op, x) if self.use_conv else self.op(x)
+        if not self.use_conv:
+            return self.op(x)
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self._conv("op", self.op, x)
 
 
 class ResBlock(_OpsModule):
@@ -193,7 +209,8 @@ class ResBlock(_OpsModule):
 
     def __init__(self, channels: int, emb_channels: int, dropout: float = 0.0,
                  out_channels: int | None = None, use_conv: bool = False,
-                 use_scale_shift_norm: bool = False, up: bool = False, down: bool = False):
+                 use_scale_shift_norm: bool = False, up: bool = False, down: bool = False,
+                 norm_groups: int = NUM_GROUPS, norm_eps: float = 1e-5):
         super().__init__()
         self.channels = channels
         self.emb_channels = emb_channels
@@ -201,11 +218,12 @@ class ResBlock(_OpsModule):
         self.use_scale_shift_norm = use_scale_shift_norm
         self.up, self.down = up, down
         c_out = self.out_channels
-        self.in_layers = nn.Sequential(nn.GroupNorm(NUM_GROUPS, channels), nn.SiLU(),
+        self.in_layers = nn.Sequential(nn.GroupNorm(norm_groups, channels, eps=norm_eps), nn.SiLU(),
                                        nn.Conv2d(channels, c_out, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(),
                                         nn.Linear(emb_channels, 2 * c_out if use_scale_shift_norm else c_out))
-        self.out_layers = nn.Sequential(nn.GroupNorm(NUM_GROUPS, c_out), nn.SiLU(), nn.Dropout(p=dropout),
+        self.out_layers = nn.Sequential(nn.GroupNorm(norm_groups, c_out, eps=norm_eps), nn.SiLU(),
+                                        nn.Dropout(p=dropout),
                                         _zeroed(nn.Conv2d(c_out, c_out, 3, padding=1)))
         if c_out == channels:
             self.skip_connection = nn.Identity()
@@ -244,10 +262,13 @@ class AttentionBlock(_OpsModule):
 
     num_heads heads, or channels // num_head_channels when num_head_channels != -1. layout "legacy"
     (QKVAttentionLegacy, heads split before q/k/v) or "new" (QKVAttention). (N, C, H, W) -> same.
+    norm_groups / norm_eps: the GroupNorm's; norm_groups=None: no norm (diffusers' mid-block
+    attention of a scale_shift model).
     """
 
     def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1,
-                 use_new_attention_order: bool = False):
+                 use_new_attention_order: bool = False, norm_groups: int | None = NUM_GROUPS,
+                 norm_eps: float = 1e-5):
         super().__init__()
         self.channels = channels
         if num_head_channels == -1:
@@ -261,13 +282,13 @@ class AttentionBlock(_OpsModule):
                                  f"channel count {channels}")
             self.num_heads = channels // num_head_channels
         self.layout = "new" if use_new_attention_order else "legacy"
-        self.norm = nn.GroupNorm(NUM_GROUPS, channels)
+        self.norm = None if norm_groups is None else nn.GroupNorm(norm_groups, channels, eps=norm_eps)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = _zeroed(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
-        h = self._norm(self.norm, x, silu=False)
+        h = x if self.norm is None else self._norm(self.norm, x, silu=False)
         if not (self.fast and is_channels_last(x)):
             qkv = F.conv1d(h.reshape(b, c, -1), self.qkv.weight, self.qkv.bias)
             a = ops.attention(qkv, self.num_heads, layout=self.layout, backend=self._op_backend(qkv))
@@ -336,6 +357,15 @@ class UNet(nn.Module):
         fast: the fast paths (fused timestep projections, prepacked CPU convolutions, fused residual
             adds); default: on unless backend == "torch".
 
+    Options beyond guided-diffusion's (keyword-only; the defaults are ADM's), for the U-Nets of
+    diffusers' UNet2DModel (ddpm_fast.from_diffusers maps those onto this class):
+        norm_groups, norm_eps: groups and epsilon of every GroupNorm (ADM: 32, 1e-5).
+        flip_sin_to_cos, freq_shift: the timestep embedding's convention (see timestep_embedding).
+        downsample_padding: 1, or 0 for the original DDPM's bottom/right padded strided convs.
+        middle_attention: the middle block's attention (ResBlock, attention, ResBlock); False:
+            ResBlock, ResBlock. middle_attention_norm: its GroupNorm (diffusers leaves it out when
+            resnet_time_scale_shift="scale_shift").
+
     forward(x (N, in_channels, H, W), timesteps (N,) int or float, y (N,) int64 labels if
     class-conditional) -> (N, out_channels, H, W) in x's dtype.
     """
@@ -346,7 +376,10 @@ class UNet(nn.Module):
                  num_classes: int | None = None, use_checkpoint: bool = False, use_fp16: bool = False,
                  num_heads: int = 1, num_head_channels: int = -1, num_heads_upsample: int = -1,
                  use_scale_shift_norm: bool = False, resblock_updown: bool = False,
-                 use_new_attention_order: bool = False, *, backend: str = "auto", fast: bool | None = None):
+                 use_new_attention_order: bool = False, *, backend: str = "auto", fast: bool | None = None,
+                 norm_groups: int = NUM_GROUPS, norm_eps: float = 1e-5, flip_sin_to_cos: bool = True,
+                 freq_shift: float = 0.0, downsample_padding: int = 1, middle_attention: bool = True,
+                 middle_attention_norm: bool = True):
         super().__init__()
         if dims != 2:
             raise ValueError(f"dims must be 2 (ddpm_fast's U-Net is 2-D only); got {dims!r}")
@@ -357,10 +390,12 @@ class UNet(nn.Module):
         channel_mult = tuple(channel_mult)
         if not channel_mult or any(not m > 0 for m in channel_mult):
             raise ValueError(f"channel_mult must be a non-empty sequence of positive numbers; got {channel_mult!r}")
+        if not isinstance(norm_groups, int) or isinstance(norm_groups, bool) or norm_groups < 1:
+            raise ValueError(f"norm_groups must be a positive int; got {norm_groups!r}")
         for m in channel_mult:
-            if int(m * model_channels) % NUM_GROUPS:
+            if int(m * model_channels) % norm_groups:
                 raise ValueError(f"channel_mult {m} x model_channels {model_channels} = {int(m * model_channels)} "
-                                 f"channels is not divisible by the {NUM_GROUPS} GroupNorm groups")
+                                 f"channels is not divisible by the {norm_groups} GroupNorm groups")
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
             raise ValueError(f"num_classes must be None or a positive int; got {num_classes!r}")
@@ -385,6 +420,10 @@ class UNet(nn.Module):
         self.use_scale_shift_norm = use_scale_shift_norm
         self.resblock_updown = resblock_updown
         self.use_new_attention_order = use_new_attention_order
+        self.norm_groups, self.norm_eps = norm_groups, float(norm_eps)
+        self.flip_sin_to_cos, self.freq_shift = bool(flip_sin_to_cos), float(freq_shift)
+        self.downsample_padding = downsample_padding
+        self.middle_attention, self.middle_attention_norm = bool(middle_attention), bool(middle_attention_norm)
         self.diffusion = None  # set by from_flags
 
         emb_dim = 4 * model_channels
@@ -395,11 +434,13 @@ class UNet(nn.Module):
 
         def res(c_in, c_out, **kw):
             return ResBlock(c_in, emb_dim, dropout, out_channels=c_out,
-                            use_scale_shift_norm=use_scale_shift_norm, **kw)
+                            use_scale_shift_norm=use_scale_shift_norm, norm_groups=norm_groups,
+                            norm_eps=norm_eps, **kw)
 
-        def attn(c, heads):
+        def attn(c, heads, norm=True):
             return AttentionBlock(c, num_heads=heads, num_head_channels=num_head_channels,
-                                  use_new_attention_order=use_new_attention_order)
+                                  use_new_attention_order=use_new_attention_order,
+                                  norm_groups=norm_groups if norm else None, norm_eps=norm_eps)
 
         ch = first_ch = int(channel_mult[0] * model_channels)
         self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
@@ -415,12 +456,14 @@ class UNet(nn.Module):
                 self.input_blocks.append(TimestepSequential(*layers))
                 skip_chans.append(ch)
             if level != last:
-                down = res(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample)
+                down = res(ch, ch, down=True) if resblock_updown else Downsample(
+                    ch, conv_resample, padding=downsample_padding)
                 self.input_blocks.append(TimestepSequential(down))
                 skip_chans.append(ch)
                 rate *= 2
 
-        self.middle_block = TimestepSequential(res(ch, ch), attn(ch, num_heads), res(ch, ch))
+        self.middle_block = TimestepSequential(
+            res(ch, ch), *([attn(ch, num_heads, middle_attention_norm)] if middle_attention else []), res(ch, ch))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -434,7 +477,7 @@ class UNet(nn.Module):
                     rate //= 2
                 self.output_blocks.append(TimestepSequential(*layers))
 
-        self.out = nn.Sequential(nn.GroupNorm(NUM_GROUPS, ch), nn.SiLU(),
+        self.out = nn.Sequential(nn.GroupNorm(norm_groups, ch, eps=norm_eps), nn.SiLU(),
                                  _zeroed(nn.Conv2d(first_ch, out_channels, 3, padding=1)))
 
         self._resblocks = [m for m in self.modules() if isinstance(m, ResBlock)]
@@ -562,7 +605,8 @@ class UNet(nn.Module):
         if timesteps.shape != (n,):
             raise ValueError(f"timesteps must have shape ({n},) (one per sample); got {tuple(timesteps.shape)}")
 
-        temb = timestep_embedding(timesteps, self.model_channels)
+        temb = timestep_embedding(timesteps, self.model_channels, flip_sin_to_cos=self.flip_sin_to_cos,
+                                  freq_shift=self.freq_shift)
         emb = self.time_embed(temb.to(self.time_embed[0].weight.dtype))
         if self.num_classes is not None:
             if not isinstance(y, torch.Tensor) or y.shape != (n,):
@@ -570,12 +614,14 @@ class UNet(nn.Module):
                                  f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
             if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
                 raise ValueError(f"y must hold integer class labels; got dtype {y.dtype}")
-            # the range check reads y on the host: only on real values outside any capture (not
-            # while a CUDA graph records, torch.compile traces or a dispatch mode, e.g. fake
-            # tensors or a capture check, intercepts the ops)
-            capturing = (y.is_cuda and torch.cuda.is_current_stream_capturing()) or torch.compiler.is_compiling() \
-                or _python_dispatch._get_current_dispatch_mode() is not None
-            if n and not capturing:
+            # the range check reads y on the host: only for CPU labels (no device sync) with real
+            # values outside any trace (not while torch.compile traces or a dispatch mode, e.g.
+            # fake tensors or a capture check, intercepts the ops). Labels on an accelerator are
+            # not read back on every call (two host syncs per eager GPU step): the entry points
+            # (sample, restore, the CLI, reference_sample_loop) check them once per run, and an
+            # out-of-range label there fails in the embedding's own device-side index check.
+            tracing = torch.compiler.is_compiling() or _python_dispatch._get_current_dispatch_mode() is not None
+            if n and y.device.type == "cpu" and not tracing:
                 lo, hi = int(y.min()), int(y.max())
                 if lo < 0 or hi >= self.num_classes:
                     raise ValueError(f"y must lie in [0, {self.num_classes - 1}] (num_classes={self.num_classes}); "

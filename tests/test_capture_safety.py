@@ -134,6 +134,8 @@ VARIANTS = {
     "noise_until": dict(noise_until=2),
     "quad_spacing": dict(method="ddim", steps="quad4"),
     "truncate": dict(method="ddim", truncate=0.8),
+    # diffusers' thresholding (issue 19): a per-sample quantile of |x0| on the device
+    "dynamic_threshold": dict(dynamic_threshold=(0.9, 1.5)),
 }
 
 
