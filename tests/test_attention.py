@@ -34,6 +34,22 @@ def make_qkv(batch, heads, head_dim, length, dtype=torch.float32, device="cpu", 
     return qkv.to(device=device, dtype=dtype)
 
 
+def strided_qkv(qkv, order, pad=0):
+    """qkv (B, 3C, T) in a stride order: "t" T-contiguous (the NCHW conv output: stride_t == 1),
+    "c" channel-contiguous (a (B, T, 3C) buffer read as (B, 3C, T): the channels_last view), each
+    with `pad` unused elements after every row of the contiguous dim (strides past the sizes)."""
+    if order == "t":
+        buf = qkv.new_zeros(*qkv.shape[:2], qkv.shape[2] + pad)
+        buf[..., :qkv.shape[2]] = qkv
+        out = buf[..., :qkv.shape[2]]
+    else:
+        buf = qkv.new_zeros(qkv.shape[0], qkv.shape[2], qkv.shape[1] + pad)
+        buf[..., :qkv.shape[1]] = qkv.transpose(1, 2)
+        out = buf[..., :qkv.shape[1]].transpose(1, 2)
+    assert torch.equal(out, qkv)
+    return out
+
+
 def check_close(out, qkv, heads, layout):
     expected = reference.attention(qkv, heads, layout)
     assert out.shape == expected.shape
@@ -411,3 +427,95 @@ def test_gpu_cuda_opcheck():
         pytest.skip("no CUDA kernel registered")
     qkv = make_qkv(2, 2, 32, 40, dtype=torch.float16, device="cuda", seed=11)
     torch.library.opcheck(torch.ops.ddpm_fast.attention.default, (qkv, 2, True))
+
+
+# ---- GPU: the tensor-core kernel (fp16 / bf16, head dims 32, 64, 128) and its fallbacks ---------
+
+def cuda_kernels_run(fn):
+    """fn()'s result and the names of the CUDA kernels it launched (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = fn()
+        torch.cuda.synchronize()
+    return out, {e.key for e in prof.key_averages()}
+
+
+def ran_tensor_cores(names) -> bool:
+    return any("attention_tc_kernel" in n for n in names)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("order", ["t", "c"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", (32, 64, 128))
+@pytest.mark.parametrize("batch,heads,length", [(2, 3, 80), (1, 2, 200), (2, 4, 1000), (1, 1, 4096)], ids=str)
+def test_gpu_tensor_cores_match_reference(batch, heads, length, head_dim, dtype, layout, order):
+    """The mma.sync kernel reads both layouts in both stride orders in place (T-contiguous: the
+    NCHW conv output; channel-contiguous: the channels_last view), T not a multiple of the tiles."""
+    if not has_kernel("attention", "CUDA"):
+        pytest.skip("no CUDA kernel registered")
+    qkv = strided_qkv(make_qkv(batch, heads, head_dim, length, dtype, device="cuda", seed=length + head_dim), order)
+    out, names = cuda_kernels_run(lambda: ops.attention(qkv, heads, layout, backend="cuda"))
+    assert ran_tensor_cores(names), names
+    check_close(out, qkv, heads, layout)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("order,pad,length", [("t", 4, 84), ("t", 8, 130), ("c", 8, 70), ("c", 24, 333)], ids=str)
+def test_gpu_tensor_cores_padded_strides_and_large_logits(order, pad, length, dtype):
+    """Strides past the sizes (views of padded buffers; T = 84, 130: a 16-byte chunk of tokens
+    straddles T) and logits of scale 16 (the online softmax's rescaling)."""
+    if not has_kernel("attention", "CUDA"):
+        pytest.skip("no CUDA kernel registered")
+    qkv = strided_qkv(make_qkv(2, 2, 64, length, dtype, device="cuda", seed=7, scale=4.0), order, pad)
+    out, names = cuda_kernels_run(lambda: ops.attention(qkv, 2, "new", backend="cuda"))
+    assert ran_tensor_cores(names), names
+    assert torch.isfinite(out).all()
+    check_close(out, qkv, 2, "new")
+
+
+def gpu_fallback_qkv(kind, dtype):
+    qkv = make_qkv(2, 2, 64, 96, dtype, device="cuda", seed=5)
+    if kind == "misaligned":  # base 2 bytes past a 16-byte boundary
+        return torch.cat([qkv.new_zeros(1), qkv.flatten()])[1:].view(qkv.shape)
+    if kind == "no unit stride":  # every other token: stride_t == 2
+        return torch.repeat_interleave(qkv, 2, dim=2)[..., ::2]
+    if kind == "stride_c not 8-aligned":  # T-contiguous rows of T + 1 elements
+        return strided_qkv(qkv, "t", pad=1)
+    if kind == "stride_t not 8-aligned":  # channel-contiguous rows of 3C + 1 elements
+        return strided_qkv(qkv, "c", pad=1)
+    if kind == "head dim 48":
+        return make_qkv(2, 2, 48, 96, dtype, device="cuda", seed=6)
+    return qkv.float()  # fp32 keeps the scalar kernel
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["misaligned", "no unit stride", "stride_c not 8-aligned", "stride_t not 8-aligned",
+                                  "head dim 48", "fp32"])
+def test_gpu_tensor_core_fallbacks(kind, dtype):
+    """What the tensor-core kernel cannot read with 16-byte cp.async (or computes in fp32) runs the
+    scalar kernel, correctly."""
+    if not has_kernel("attention", "CUDA"):
+        pytest.skip("no CUDA kernel registered")
+    qkv = gpu_fallback_qkv(kind, dtype)
+    heads = 2
+    out, names = cuda_kernels_run(lambda: ops.attention(qkv, heads, "legacy", backend="cuda"))
+    assert not ran_tensor_cores(names) and any("attention_fwd_kernel" in n for n in names), names
+    check_close(out, qkv, heads, "legacy")
+
+
+@pytest.mark.cuda
+def test_gpu_tensor_cores_current_stream_and_device_guard():
+    """The launch goes to the current stream (results correct when read after that stream's work)."""
+    if not has_kernel("attention", "CUDA"):
+        pytest.skip("no CUDA kernel registered")
+    qkv = make_qkv(2, 2, 64, 256, torch.float16, device="cuda", seed=12)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        out = ops.attention(qkv, 2, "legacy", backend="cuda")
+    stream.synchronize()
+    check_close(out, qkv, 2, "legacy")

@@ -56,10 +56,11 @@ ARCHS = (80, 90)
 SPILL_BUDGET = 0       # bytes of register spill stores (or loads) ptxas may report for a kernel
 SHARED_LIMIT = {80: 99 * 1024, 90: 227 * 1024}  # bytes of shared memory per block
 CUDA_STATIC_SHARED_LIMIT = 48 * 1024  # static __shared__ per block (more needs dynamic + opt-in)
-# cuobjdump's STACK of a CUDA C++ function: its stack frame, spills included. 16 B admits the 8-16 B
-# frames of five sm_80 instantiations of csrc/cuda/attention.cu (built 2026-12-02), which may be
-# small spills; anything larger fails.
-CUDA_STACK_BUDGET = 16
+# cuobjdump's STACK of a CUDA C++ function: its stack frame, spills included. 0: the 8-16 B frames
+# five sm_80 attention instantiations had (register saves around the IEEE-division and int64-division
+# subroutine CALLs) are gone since one reciprocal per row and 32-bit block-index division; every
+# other function of the 2026-12-02 build already had STACK 0.
+CUDA_STACK_BUDGET = 0
 KERNELS = "ddpm_fast.kernels"
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 2

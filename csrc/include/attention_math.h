@@ -51,9 +51,20 @@ DDPM_HD float online_softmax_weight(float s, float m_new) {
   return s == -INFINITY ? 0.0f : exp2f(s - m_new);
 }
 
-// Final normalisation of a row's accumulator: acc / l (l > 0 once one key was seen).
-DDPM_HD float online_softmax_finish(float acc, float l) {
-  return acc / l;
+// Final normalisation of a row's accumulator: acc / l as acc * online_softmax_inverse(l), one
+// reciprocal per row. l >= 1 (the row max contributes exp2(0) = 1), so on the GPU the fast
+// reciprocal (__fdividef: MUFU.RCP, 2 ulp in this range) replaces IEEE division, whose slow-path
+// subroutine CALLs cost the scalar kernel register saves on the stack (issue 16).
+DDPM_HD float online_softmax_inverse(float l) {
+#if defined(__CUDA_ARCH__)
+  return __fdividef(1.0f, l);
+#else
+  return 1.0f / l;
+#endif
+}
+
+DDPM_HD float online_softmax_finish(float acc, float inv_l) {
+  return acc * inv_l;
 }
 
 // Host-side checks of a direct torch.ops.ddpm_fast.attention call (the Python wrapper raises
