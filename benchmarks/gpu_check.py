@@ -6,8 +6,8 @@ a hard limit of budget x --slack, and its measured time printed:
 
   build      210  pip install --no-build-isolation --no-deps --no-index -e . for the local GPU's
                   arch only (TORCH_CUDA_ARCH_LIST from its compute capability), MAX_JOBS = cores
-  tests      100  pytest -m cuda tests/ with a per-test timeout (pytest-timeout): JUnit XML
-  bench      100  the GPU benchmarks (`pytest -m cuda benchmarks/`) through ddpm_fast.benchreport:
+  tests       90  pytest -m cuda tests/ with a per-test timeout (pytest-timeout): JUnit XML
+  bench       80  the GPU benchmarks (`pytest -m cuda benchmarks/`) through ddpm_fast.benchreport:
                   JSON + markdown, the 0.8x speed gate with its noise margin, the kernels' issue
                   targets reported; copied to benchmarks/results/<gpu>-<date>.{json,md}
   sanitizer   40  compute-sanitizer memcheck, then racecheck, over one small run of each CUDA C++
@@ -15,6 +15,10 @@ a hard limit of budget x --slack, and its measured time printed:
                   the time left is short or the sanitizer refuses the device
   e2e         30  the bundled digits model: whole-loop CUDA graph == eager (same seed), and its
                   eval_digits quality against the CPU figures (benchmarks/gpu_workloads.py e2e)
+  targets     30  issue 17's kernel targets (benchmarks/gpu_workloads.py attention, bandwidth):
+                  the tensor-core attention vs SDPA's flash backend, GroupNorm's share of peak
+                  HBM bandwidth, the step vs a copy of the same bytes; met / MISSED reported,
+                  not gated; optional (skipped when the total budget is spent)
 
 The budgets are estimates made without a GPU. build: the long pole is the one device pass (sm_90)
 of csrc/cuda/diffusion_step.cu, about 8 CPU-minutes on the 2-core CI machine, taken as ~3 minutes
@@ -364,6 +368,34 @@ def e2e(ctx: Context) -> Outcome:
                    "graph == eager; quality matches the CPU figures", data)
 
 
+TARGET_WORKLOADS = ("attention", "bandwidth")   # benchmarks/gpu_workloads.py subcommands
+
+
+def targets_commands(ctx: Context) -> list[list[str]]:
+    return [[ctx.python, str(ROOT / "benchmarks" / "gpu_workloads.py"), name, "--json", str(ctx.out / f"{name}.json")]
+            for name in TARGET_WORKLOADS]
+
+
+def targets(ctx: Context) -> Outcome:
+    """Issue 17's kernel targets, each workload in its share of the phase's time: reported
+    (met / MISSED per target), not gated; a workload that fails or leaves no JSON fails the phase."""
+    commands = targets_commands(ctx)
+    data, met, failed = {}, [], []
+    for name, cmd in zip(TARGET_WORKLOADS, commands):
+        rc, tail = ctx.run(cmd, ctx.limit(PHASES["targets"]) / len(commands))
+        path = ctx.out / f"{name}.json"
+        if rc != 0 or not path.exists():
+            failed.append(_why(rc, f"gpu_workloads.py {name}"))
+            data[name] = {"tail": tail}
+            continue
+        data[name] = json.loads(path.read_text())
+        path.unlink()   # folded into summary.json
+        met += [f"{t['verdict']}: {t['what']} = {t['value']:.3g}" for t in data[name]["targets"]]
+    if failed:
+        return Outcome("fail", "; ".join(failed), data)
+    return Outcome("pass", "; ".join(met), data)
+
+
 def _why(rc: int | None, what: str) -> str:
     return f"{what} ran past its time limit" if rc is None else f"{what} exited {rc}"
 
@@ -371,14 +403,16 @@ def _why(rc: int | None, what: str) -> str:
 PHASES = {p.name: p for p in [
     Phase("build", 210, "build for the local GPU's arch with the python/torch that are here",
           build, build_commands),
-    Phase("tests", 100, "pytest -m cuda (per-test timeout), JUnit XML", tests, tests_commands,
+    Phase("tests", 90, "pytest -m cuda (per-test timeout), JUnit XML", tests, tests_commands,
           needs=("build",)),
-    Phase("bench", 100, "GPU benchmarks, speed gate, issue targets", bench, bench_commands,
+    Phase("bench", 80, "GPU benchmarks, speed gate, issue targets", bench, bench_commands,
           needs=("build",)),
     Phase("sanitizer", 40, "compute-sanitizer memcheck + racecheck over each kernel", sanitizer,
           sanitizer_commands, needs=("build",), optional=True),
     Phase("e2e", 30, "digits: graph == eager, quality vs the CPU figures", e2e, e2e_commands,
           needs=("build",)),
+    Phase("targets", 30, "issue 17 kernel targets: attention vs SDPA flash, bandwidth (reported)", targets,
+          targets_commands, needs=("build",), optional=True),
 ]}
 
 

@@ -731,6 +731,25 @@ def test_cuda_drawn_noise_and_dtypes(backend, dtype, project_noise):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("batch,sample_shape", [(5, (3, 128, 128)), (65537, (1, 4, 4))], ids=str)
+def test_cuda_sample_projection_factor_once_per_sample(batch, sample_shape):
+    """Issue 17: the "sample" projection reduces each sample's partial sums once (factor_kernel,
+    fixed order): the reference's values and the same bits on a rerun, with 48 blocks per sample,
+    and with 65537 samples (two launches of the y-limit chunks; factor_kernel's blocks start at the
+    chunk's first sample)."""
+    case = make_case(batch=batch, channels=sample_shape[0], spatial=sample_shape[1:], seed=41, device="cuda")
+    seed = torch.arange(batch, device="cuda") * 7 + 1
+    args = (case["x"], case["model_output"], case["coef"])
+    kw = dict(method="ddim", project_noise="sample", seed=seed, step=5)
+    got = ops.diffusion_step(*args, backend="cuda", **kw)
+    want = reference.diffusion_step(*args, philox.philox_normal(seed, 5, sample_shape), method="ddim",
+                                    project_noise="sample")
+    assert_step_equal(got, want, args, "sample")
+    again = ops.diffusion_step(*args, backend="cuda", **kw)
+    assert torch.equal(got[0], again[0]) and torch.equal(got[1], again[1])
+
+
+@pytest.mark.cuda
 def test_cuda_noise_matches_cpu_noise():
     seed = torch.tensor([7, 8, -1])
     for shape in ((3, 64, 64), (3, 5, 7)):

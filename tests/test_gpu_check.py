@@ -29,7 +29,7 @@ def test_make_gpu_check_without_a_gpu_runs_the_dry_run_and_exits_0(tmp_path):
     assert summary["result"] == "dry run"
     assert summary["versions"]["python"] == "%d.%d.%d" % sys.version_info[:3]
     phases = {p["name"]: p for p in summary["phases"]}
-    assert list(phases) == ["build", "tests", "bench", "sanitizer", "e2e"]
+    assert list(phases) == ["build", "tests", "bench", "sanitizer", "e2e", "targets"]
     assert all(p["status"] == "planned" for p in phases.values())
     assert sum(p["budget_s"] for p in phases.values()) <= 480   # 8 minutes on an H100/H200
     (build,) = phases["build"]["data"]["commands"]
@@ -41,6 +41,8 @@ def test_make_gpu_check_without_a_gpu_runs_the_dry_run_and_exits_0(tmp_path):
     assert [c.split()[2] for c in phases["sanitizer"]["data"]["commands"]] == ["memcheck", "racecheck"]
     assert phases["sanitizer"]["data"]["optional"] and phases["e2e"]["data"]["needs"] == ["build"]
     assert "| sanitizer | planned |  | 40 |" in (tmp_path / "summary.md").read_text()
+    assert [c.split()[2] for c in phases["targets"]["data"]["commands"]] == ["attention", "bandwidth"]
+    assert phases["targets"]["data"]["optional"]
 
 
 def _phase(name, status=None, raises=None, budget=10, needs=(), optional=False, calls=None):
@@ -94,6 +96,34 @@ def test_a_command_past_its_limit_is_killed_with_its_output_kept(tmp_path):
     assert "started" in (tmp_path / "log.txt").read_text()
 
 
+def test_targets_phase_folds_both_workloads_and_fails_when_one_breaks(tmp_path, monkeypatch):
+    """The targets phase runs gpu_workloads.py attention and bandwidth, each in half the phase's
+    limit; their JSON targets (met or MISSED) make the detail; a workload that exits non-zero
+    fails the phase (a MISSED target does not)."""
+    ctx = gpu_check.Context(out=tmp_path, slack=1.0)
+    seen = []
+
+    def fake_run(cmd, timeout, env=None, cwd=None):
+        name, out = cmd[2], Path(cmd[cmd.index("--json") + 1])
+        seen.append((name, timeout))
+        if name == "bandwidth" and broken:
+            return 1, "Traceback: boom"
+        verdict = "met" if name == "attention" else "MISSED"
+        out.write_text(json.dumps({"targets": [{"what": f"{name} x", "value": 1.25, "verdict": verdict}]}))
+        return 0, ""
+
+    monkeypatch.setattr(ctx, "run", fake_run)
+    broken = False
+    outcome = gpu_check.targets(ctx)
+    assert [n for n, _ in seen] == ["attention", "bandwidth"] and {t for _, t in seen} == {15.0}
+    assert outcome.status == "pass" and outcome.detail == "met: attention x = 1.25; MISSED: bandwidth x = 1.25"
+    assert not list(tmp_path.glob("*.json"))   # folded into the outcome's data
+    broken = True
+    outcome = gpu_check.targets(ctx)
+    assert outcome.status == "fail" and "gpu_workloads.py bandwidth exited 1" in outcome.detail
+    assert outcome.data["bandwidth"]["tail"] == "Traceback: boom"
+
+
 def test_arch_list_of_the_local_gpu():
     assert gpu_check.arch_list((9, 0)) == "9.0"
     assert gpu_check.arch_list((8, 6)) == "8.6"
@@ -144,7 +174,7 @@ def test_bad_arguments_are_refused(capsys):
             gpu_check.parse_args(argv)
         assert exc.value.code == 2
     assert "unknown phase(s) x" in capsys.readouterr().err
-    args = gpu_check.parse_args(["--skip", "sanitizer,e2e"])
+    args = gpu_check.parse_args(["--skip", "sanitizer,e2e,targets"])
     assert [p.name for p in gpu_check.selected(args)] == ["build", "tests", "bench"]
 
 

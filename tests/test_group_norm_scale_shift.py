@@ -65,6 +65,44 @@ def check(y, x, num_groups, w, b, s, t, silu, eps=1e-5):
     torch.testing.assert_close(y.float(), ref.float(), **tolerance(x, num_groups, w, s, eps))
 
 
+# ---- issue 17: statistics on adversarial data (the CUDA kernel here and in tests/test_simt.py) ----
+
+def variance_error(x, y, groups, eps=1e-5):
+    """Largest relative error of the group variances the kernel used, against float64 on the same
+    fp32 values: with no weight/bias/scale/shift y = rstd (x - mean), so a least-squares fit of y on
+    x in float64 recovers rstd (the fp32 rounding of y averages out to ~1e-9), and var = rstd^-2 - eps."""
+    n = x.shape[0]
+    xd, yd = x.double().reshape(n, groups, -1), y.double().reshape(n, groups, -1)
+    xc, yc = xd - xd.mean(-1, keepdim=True), yd - yd.mean(-1, keepdim=True)
+    rstd = (xc * yc).sum(-1) / (xc * xc).sum(-1)
+    var = rstd ** -2 - eps
+    ref = xd.var(-1, unbiased=False)
+    return ((var - ref).abs() / ref).max().item()
+
+
+def adversarial_input(case):
+    """(x, num_groups): fp32 data whose statistics fp32 shifted sums get wrong (the CUDA kernel
+    before issue 17, with one shift per block slice / channel and sums of squares: up to 8.5e-5
+    relative variance error; see tests/test_simt.py). Cases: "outlier", "outlier_first",
+    "mean_1e4", "1e6_group"."""
+    g = torch.Generator().manual_seed(17)
+    if case.startswith("1e6"):  # one group of 10^6 values, one outlier of 100 per channel, the
+        x = torch.randn(1, 16, 250, 250, generator=g)  # first element among them
+        flat = x.view(1, 16, -1)
+        flat.scatter_(2, torch.randint(0, 62500, (1, 16, 1), generator=g), 100.0)
+        flat[:, :, 0] = 100.0
+        return x, 1
+    x = torch.randn(2, 32, 32, 32, generator=g)
+    flat = x.view(2, 32, -1)
+    if case == "outlier":  # one value of 100 per channel in N(0, 1), at a random pixel
+        flat.scatter_(2, torch.randint(0, 1024, (2, 32, 1), generator=g), 100.0)
+    elif case == "outlier_first":  # ... at the first pixel: the group's (and a block's) first value
+        flat[:, :, 0] = 100.0
+    else:  # "mean_1e4": 1e4 + N(0, 1), ulp(1e4) = 1e-3
+        x += 1e4
+    return x, 8
+
+
 def folded_in_half(x, num_groups, w, b, s, t, eps, silu):
     """A planted wrong kernel: the per-channel fold y = a x + c of GroupNorm, weight, bias and
     AdaGN (a = rstd w (1 + s), c = (b - mean rstd w) (1 + s) + t) with a and c rounded to x's
@@ -419,6 +457,63 @@ def test_gpu_large_mean_and_unaligned():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", ["outlier", "outlier_first", "mean_1e4", "1e6_group"])
+def test_gpu_statistics_adversarial_fp32(case, kind):
+    """Issue 17: the CUDA kernel's group variance within 1e-6 relative of float64 on adversarial
+    fp32 data, and its output within 1e-5 of the float64 normalisation (the SIMT harness runs the
+    same check on the CPU: tests/test_simt.py)."""
+    _gpu_backend_or_skip("cuda")
+    x, groups = adversarial_input(case)
+    x = layout(x.cuda(), kind)
+    y = ops.group_norm_scale_shift(x, groups, eps=1e-5, backend="cuda")
+    assert variance_error(x, y, groups) < 1e-6
+    xd = x.double().reshape(x.shape[0], groups, -1)
+    exact = (xd - xd.mean(-1, keepdim=True)) / (xd.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    # 1e4 + N(0, 1): an fp32 mean is 5e-4 off (ulp(1e4) / 2), whatever the algorithm: tolerance()'s bound
+    tol = tolerance(x, groups, None, None, 1e-5) if case == "mean_1e4" else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y.double(), exact.reshape(x.shape), **tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_gpu_adagn_chunk_views_read_in_place(kind, dtype, param_dtype):
+    """AdaGN's scale, shift = emb_out.chunk(2, 1) (row stride 2C) and strided weight/bias in any
+    float dtype: the CUDA op reads them where they lie, so one call is exactly its three kernels
+    (moments, coefficients, apply) with no copy kernels."""
+    _gpu_backend_or_skip("cuda")
+    x, _, _, _, _ = make_inputs((4, 64, 12, 12), dtype, seed=11, device="cuda")
+    x = layout(x, kind)
+    g = torch.Generator().manual_seed(12)
+    scale, shift = (0.5 * torch.randn(4, 128, generator=g)).to("cuda", param_dtype).chunk(2, 1)
+    affine = torch.randn(2, 128, generator=g).to("cuda", param_dtype)
+    w, b = affine[0, ::2], affine[1, 1::2]
+    y = ops.group_norm_scale_shift(x, 32, w, b, scale, shift, 1e-5, True, backend="cuda")
+    check(y, x, 32, w, b, scale, shift, True)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.group_norm_scale_shift(x, 32, w, b, scale, shift, 1e-5, True, backend="cuda")
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "Memcpy" not in e.name and "Memset" not in e.name]
+    assert len(kernels) == 3, kernels
+    assert all(any(k in name for k in ("moments_", "coefficients_kernel", "apply_kernel")) for name in kernels), kernels
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_gpu_batch_beyond_grid_axis_limit(kind):
+    """N = 70000 > 65535 (the y/z grid limit): samples and groups lie on grid axis x."""
+    _gpu_backend_or_skip("cuda")
+    x, w, b, s, t = make_inputs((70000, 32, 2, 2), torch.float16, seed=13, device="cuda")
+    x = layout(x, kind)
+    y = ops.group_norm_scale_shift(x, 8, w, b, s, t, 1e-5, True, backend="cuda")
+    check(y, x, 8, w, b, s, t, True)
+
+
+@pytest.mark.cuda
 def test_gpu_cuda_graph_capture():
     _gpu_backend_or_skip("cuda")
     x, w, b, s, t = make_inputs((4, 128, 16, 16), torch.float16, device="cuda")
@@ -442,6 +537,20 @@ def test_gpu_opcheck_cuda_op():
     x, w, b, s, t = make_inputs((2, 32, 5, 6), torch.float16, device="cuda")
     torch.library.opcheck(torch.ops.ddpm_fast.group_norm_scale_shift.default,
                           (x.contiguous(memory_format=torch.channels_last), 8, w, b, s, t, 1e-5, True))
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", ["outlier", "outlier_first", "mean_1e4", "1e6_group"])
+def test_cpu_statistics_adversarial_fp32(case, kind):
+    """Issue 17: the CPU kernel's group variance within 1e-6 relative of float64 (its shifted sums
+    were shifted by the first value: 3.9e-5 / 3.8e-5 (nchw / channels-last) with an outlier there,
+    1.4e-5 for the channels-last 1e6-element group; now summed again about the mean when that value
+    lies over two standard deviations from it)."""
+    x, groups = adversarial_input(case)
+    x = layout(x, kind)
+    y = ops.group_norm_scale_shift(x, groups, eps=1e-5, backend="cpu")
+    assert variance_error(x, y, groups) < 1e-6
 
 
 @needs_cpu_kernel

@@ -2,7 +2,8 @@
 //
 // Two passes over x:
 //   1. statistics: per-(n, c) moments in one read (fp32 SIMD lanes of values shifted by one value
-//      of the channel, flushed every few hundred elements into double), merged per group with
+//      of the channel, flushed every few hundred elements into double; a second read shifted by the
+//      mean where that value lay more than two standard deviations from it), merged per group with
 //      Chan's formula in double;
 //   2. apply: per (n, c) the normalisation, GroupNorm affine and AdaGN scale-shift are folded into
 //      y = a * x + b, so the inner loop is one FMA (+ SiLU) per element.
@@ -188,10 +189,9 @@ inline Vec fused_vec(const Vec& x, const Vec& a, const Vec& b) {
 
 // ---- pass 1: per-(n, c) moments ---------------------------------------------------------------
 
-// Moments of one contiguous plane of `len` values (NCHW), shifted by its first value.
+// Moments of one contiguous plane of `len` values (NCHW) from sums shifted by `shift`.
 template <typename T>
-Moments<double> plane_moments(const T* p, int64_t len) {
-  const float shift = static_cast<float>(p[0]);
+Moments<double> plane_moments_shifted(const T* p, int64_t len, float shift) {
   const Vec vshift(shift);
   double s1 = 0.0, s2 = 0.0;
   int64_t i = 0;
@@ -220,6 +220,16 @@ Moments<double> plane_moments(const T* p, int64_t len) {
   return gn::moments_from_shifted_sums<double>(static_cast<double>(len), shift, s1, s2);
 }
 
+// Moments of one plane, shifted by its first value; again shifted by that mean when the first
+// value was too far from it (gn::shift_is_far: an outlier; rare for ordinary data).
+template <typename T>
+Moments<double> plane_moments(const T* p, int64_t len) {
+  const float shift = static_cast<float>(p[0]);
+  const Moments<double> m = plane_moments_shifted(p, len, shift);
+  if (!gn::shift_is_far<double>(m, shift)) return m;
+  return plane_moments_shifted(p, len, static_cast<float>(m.mean));
+}
+
 template <typename T>
 void channel_moments_nchw(const T* x, int64_t planes, int64_t len, Moments<double>* out) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(len, 1));
@@ -229,7 +239,8 @@ void channel_moments_nchw(const T* x, int64_t planes, int64_t len, Moments<doubl
 }
 
 // Channels-last: x is (N, P, C) dense. Each task sums one chunk of pixels of one sample into
-// per-channel shifted sums (shift: the sample's first pixel), which are added up afterwards.
+// per-channel shifted sums (shift: the sample's first pixel), which are added up afterwards; a
+// channel whose first pixel lay too far from its mean (gn::shift_is_far) is summed again in double.
 template <typename T>
 void channel_moments_nhwc(const T* x, int64_t n_samples, int64_t pixels, int64_t channels,
                           Moments<double>* out) {
@@ -297,7 +308,9 @@ void channel_moments_nhwc(const T* x, int64_t n_samples, int64_t pixels, int64_t
     }
   });
 
+  std::vector<int64_t> far;  // channels of sample n whose first pixel lay too far from their mean
   for (int64_t n = 0; n < n_samples; ++n) {
+    far.clear();
     for (int64_t c = 0; c < channels; ++c) {
       double s1 = 0.0, s2 = 0.0;
       for (int64_t k = 0; k < chunks; ++k) {
@@ -305,9 +318,26 @@ void channel_moments_nhwc(const T* x, int64_t n_samples, int64_t pixels, int64_t
         s1 += d[c];
         s2 += d[channels + c];
       }
-      out[n * channels + c] = gn::moments_from_shifted_sums<double>(
-          static_cast<double>(pixels), shift[n * channels + c], s1, s2);
+      const float sh = shift[n * channels + c];
+      out[n * channels + c] = gn::moments_from_shifted_sums<double>(static_cast<double>(pixels), sh, s1, s2);
+      if (gn::shift_is_far<double>(out[n * channels + c], sh)) far.push_back(c);
     }
+    if (far.empty()) continue;
+    // those channels again in double, shifted by their mean, in one pass over the sample's rows
+    std::vector<double> t1(far.size(), 0.0), t2(far.size(), 0.0);
+    std::vector<float> mean(far.size());
+    for (size_t j = 0; j < far.size(); ++j) mean[j] = static_cast<float>(out[n * channels + far[j]].mean);
+    for (int64_t p = 0; p < pixels; ++p) {
+      const T* row = x + (n * pixels + p) * channels;
+      for (size_t j = 0; j < far.size(); ++j) {
+        const double d = static_cast<double>(static_cast<float>(row[far[j]]) - mean[j]);
+        t1[j] += d;
+        t2[j] += d * d;
+      }
+    }
+    for (size_t j = 0; j < far.size(); ++j)
+      out[n * channels + far[j]] =
+          gn::moments_from_shifted_sums<double>(static_cast<double>(pixels), mean[j], t1[j], t2[j]);
   }
 }
 

@@ -8,11 +8,13 @@
 //     [, pred_x0]);
 //   * "pixel": each thread takes 4 consecutive pixels and loops over the channels twice (norms,
 //     then the result; the second loop recomputes the step instead of keeping C values);
-//   * "sample": two kernels without a host round trip. The first computes the step and writes
-//     each block's partial sums of |x_det - x0|^2 and |x_new - x0|^2; the second reduces the
-//     partials of its sample (in a fixed order: deterministic), recomputes the step and writes the
-//     projected result. Recomputing reads the inputs twice but writes the outputs once, which is
-//     less traffic than storing x_new / x0 in pass 1 and rescaling them in pass 2.
+//   * "sample": three kernels without a host round trip. The first computes the step and writes
+//     each block's partial sums of |x_det - x0|^2 and |x_new - x0|^2; the second (one block per
+//     sample) reduces its sample's partials once, in a fixed order (deterministic), into the
+//     sample's projection factor; the third recomputes the step and writes the projected result.
+//     Recomputing reads the inputs twice but writes the outputs once, which is less traffic than
+//     storing x_new / x0 in pass 1 and rescaling them in pass 2. (Each apply block reducing all of
+//     its sample's partials itself made the work quadratic in the blocks per sample.)
 // x / outputs have dtype S, model_output dtype M (a U-Net may run in fp16 beside an fp32 x); given
 // noise and the guidance gradient are read in x's dtype.
 #include <ATen/ATen.h>
@@ -51,8 +53,10 @@ struct Params {
   bool has_clip;
   float clip_lo, clip_hi;
   bool vector_io;   // 4-element vector loads / stores are aligned
-  float* partial;   // (B, gridDim.x, 2) partial sums of the sample projection
-  int64_t batch_offset;  // sample of blockIdx.y == 0
+  float* partial;   // (B, blocks, 2) partial sums of the sample projection
+  float* factor;    // (B,) its per-sample factors
+  int64_t blocks;   // blocks per sample (gridDim.x of the step kernels)
+  int64_t batch_offset;  // sample of blockIdx.y == 0 (of blockIdx.x == 0 in factor_kernel)
 };
 
 template <class S, class M>
@@ -165,17 +169,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(Tensors<S, M> t, Params 
   __shared__ float shared[32];
   const int64_t b = p.batch_offset + blockIdx.y;
   const Coefs k = block_coefs(p, b, shared);
-  float factor = 0.0f;
-  if (kMode == kApply) {  // reduce this sample's partial sums
-    float r2 = 0.0f, l2 = 0.0f;
-    for (int j = threadIdx.x; j < gridDim.x; j += kThreads) {
-      r2 += p.partial[(b * gridDim.x + j) * 2];
-      l2 += p.partial[(b * gridDim.x + j) * 2 + 1];
-    }
-    r2 = block_sum(r2, shared);
-    l2 = block_sum(l2, shared);
-    factor = step::projection_factor(r2, l2);
-  }
+  const float factor = kMode == kApply ? p.factor[b] : 0.0f;
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kPerThread;
   float r2 = 0.0f, l2 = 0.0f;
   if (first < p.numel) {
@@ -204,10 +198,26 @@ __global__ void __launch_bounds__(kThreads) step_kernel(Tensors<S, M> t, Params 
     r2 = block_sum(r2, shared);
     l2 = block_sum(l2, shared);
     if (threadIdx.x == 0) {
-      p.partial[(b * gridDim.x + blockIdx.x) * 2] = r2;
-      p.partial[(b * gridDim.x + blockIdx.x) * 2 + 1] = l2;
+      p.partial[(b * p.blocks + blockIdx.x) * 2] = r2;
+      p.partial[(b * p.blocks + blockIdx.x) * 2 + 1] = l2;
     }
   }
+}
+
+// The sample projection's factor of sample p.batch_offset + blockIdx.x from its p.blocks partial
+// sums, added in a fixed order (thread j takes partials j, j + kThreads, ...; then block_sum).
+__global__ void __launch_bounds__(kThreads) factor_kernel(Params p) {
+  __shared__ float shared[32];
+  const int64_t b = p.batch_offset + blockIdx.x;
+  const float* partial = p.partial + b * p.blocks * 2;
+  float r2 = 0.0f, l2 = 0.0f;
+  for (int64_t j = threadIdx.x; j < p.blocks; j += kThreads) {
+    r2 += partial[j * 2];
+    l2 += partial[j * 2 + 1];
+  }
+  r2 = block_sum(r2, shared);
+  l2 = block_sum(l2, shared);
+  if (threadIdx.x == 0) p.factor[b] = step::projection_factor(r2, l2);
 }
 
 // The pixel projection: a thread takes pixels first .. first + 3 and every channel of them.
@@ -278,9 +288,11 @@ void launch(const Tensors<S, M>& t, Params p, int64_t batch, const at::Tensor& x
   const unsigned blocks = static_cast<unsigned>((per_sample + kPerBlock - 1) / kPerBlock);
   at::Tensor partial;
   if (p.o.projection == step::kProjectSample) {
-    partial = at::empty({batch, static_cast<int64_t>(blocks), 2}, x.options().dtype(at::kFloat));
+    partial = at::empty({batch * (static_cast<int64_t>(blocks) * 2 + 1)}, x.options().dtype(at::kFloat));
     p.partial = partial.data_ptr<float>();
+    p.factor = p.partial + batch * static_cast<int64_t>(blocks) * 2;
   }
+  p.blocks = blocks;
   for (int64_t b0 = 0; b0 < batch; b0 += max_grid_y) {  // samples on grid axis y, in chunks
     p.batch_offset = b0;
     const dim3 grid(blocks, static_cast<unsigned>(std::min<int64_t>(max_grid_y, batch - b0)));
@@ -289,6 +301,8 @@ void launch(const Tensors<S, M>& t, Params p, int64_t batch, const at::Tensor& x
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else if (p.o.projection == step::kProjectSample) {
       step_kernel<S, M, kStats><<<grid, kThreads, 0, stream>>>(t, p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      factor_kernel<<<grid.y, kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       step_kernel<S, M, kApply><<<grid, kThreads, 0, stream>>>(t, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

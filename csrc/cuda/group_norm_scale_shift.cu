@@ -2,19 +2,29 @@
 //
 // Three launches on the current stream:
 //   1. moments: partial statistics {count, mean, m2} of slices of every group, several blocks per
-//      group so that all SMs work even when N * num_groups is small.
+//      group so that every SM has several blocks (~30 KB of loads in flight each) even when
+//      N * num_groups is small. All moments of a group are of x minus the group's shift (its first
+//      element; see group_norm_math.h), built by Welford updates / short runs and merged with
+//      Chan's formula (threads: in order; warps: shuffles; blocks: shared memory, fixed order).
 //        NCHW: a group is one contiguous run of (C/G) * HW values; block (ng, split) reduces one
-//              chunk of it with 16-byte vector loads where aligned.
-//        channels-last: block (n * channel tiles + channel tile of 32, pixel split), threads
-//              (32 channels x 8 pixel rows); one partial per (n, c, split), which lie contiguously
-//              per group.
+//              chunk of it, a thread kVec consecutive values (16 bytes) per load, two loads in
+//              flight, each run of kVec merged into the thread's moments.
+//        channels-last: block (n * channel tiles + tile, pixel split), threads (tx, ty): thread
+//              (tx, ty) owns channels tile * tx_dim * kVec + tx * kVec + [0, kVec) (one 16-byte
+//              load per pixel row) and the rows p = begin + ty, begin + ty + ty_dim, ..., two rows
+//              in flight, one Welford update per channel and row (one reciprocal per row); the
+//              block merges its ty_dim rows per channel in shared memory; one partial per
+//              (n, c, split), which lie contiguously per group.
 //      Grid axis y (limit 65535, queried) only holds splits, which are clamped to it; N * groups
 //      and N * channel tiles go on axis x (limit 2^31 - 1, checked).
-//      Threads sum values shifted by one value of their slice (s1, s2 in fp32 over a few values
-//      each), then merge with Chan's formula (warp shuffles + shared memory).
 //   2. coefficients: one block per (n, group) merges the group's partials and writes the
-//      per-(n, c) affine map (a, b) of csrc/include/group_norm_math.h.
-//   3. apply: y = a * x + b (+ SiLU) elementwise, grid-stride, vector loads/stores where aligned.
+//      per-(n, c) affine map (a, b) of csrc/include/group_norm_math.h. weight/bias/scale/shift are
+//      read where they lie (any strides, fp32/fp16/bf16: AdaGN's emb_out.chunk(2, 1) views, no
+//      copies).
+//   3. apply: y = a * x + b (+ SiLU: fast exp and division for fp16/bf16 outputs, exact for fp32)
+//      elementwise, grid-stride, two 16-byte vectors per thread in flight where aligned.
+// With kVec = 1 (x or y not 16-byte aligned, or HW (NCHW) / C (channels-last) not a multiple of
+// 16 / sizeof(T)) the same kernels load one element at a time.
 // (c10/cuda headers rather than ATen/cuda/CUDAContext.h: the latter needs the cuSPARSE/cuBLAS
 // headers, which a bare toolkit install may lack.)
 #include <ATen/ATen.h>
@@ -31,6 +41,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "group_norm_host.h"
 #include "group_norm_math.h"
@@ -42,8 +53,8 @@ using gn::Moments;
 
 constexpr int kThreads = 256;           // moments (NCHW) and apply blocks
 constexpr int kCoefThreads = 128;       // coefficient blocks
-constexpr int kTileChannels = 32;       // channels-last moments: channels per block
-constexpr int kTileRows = 8;            //   and pixel rows per block
+constexpr int kMaxTileVectors = 32;     // channels-last moments: at most 32 channel vectors per block row
+constexpr int kBlocksPerSm = 8;         // moments blocks to aim for per SM (several resident, more waves)
 
 template <typename I>
 __device__ __forceinline__ I imin(I a, I b) {
@@ -86,9 +97,21 @@ __device__ Moments<float> block_merge(Moments<float> m) {
 
 // ---- 1. moments --------------------------------------------------------------------------------
 
+template <typename T, int kVec>
+__device__ __forceinline__ Pack<T, kVec> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, kVec>*>(p);
+}
+
+// The kVec values of p minus shift, as float.
+template <typename T, int kVec>
+__device__ __forceinline__ void shifted(const Pack<T, kVec>& p, float shift, float (&d)[kVec]) {
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) d[j] = static_cast<float>(p.v[j]) - shift;
+}
+
 // grid (N * G, splits). Block (ng, s) reduces [s * chunk, min(group_len, (s + 1) * chunk)) of the
 // group's contiguous run; with kVec > 1, group_len and chunk are multiples of kVec and x is
-// 16-byte aligned.
+// 16-byte aligned. Moments are of x - x[group's first element].
 template <typename T, int kVec, typename index_t>
 __global__ void __launch_bounds__(kThreads)
 moments_nchw_kernel(const T* __restrict__ x, index_t group_len, index_t chunk,
@@ -97,60 +120,109 @@ moments_nchw_kernel(const T* __restrict__ x, index_t group_len, index_t chunk,
   const index_t begin = static_cast<index_t>(blockIdx.y) * chunk;
   const index_t end = imin<index_t>(group_len, begin + chunk);
   const T* base = x + ng * group_len;
-  const float shift = static_cast<float>(base[imin<index_t>(begin, group_len - 1)]);
-  float s1 = 0.f, s2 = 0.f, count = 0.f;
-  for (index_t i = begin + static_cast<index_t>(threadIdx.x) * kVec; i < end;
-       i += static_cast<index_t>(kThreads) * kVec) {
-    const Pack<T, kVec> p = *reinterpret_cast<const Pack<T, kVec>*>(base + i);
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      const float d = static_cast<float>(p.v[j]) - shift;
-      s1 += d;
-      s2 = fmaf(d, d, s2);
-    }
-    count += kVec;
+  const float shift = static_cast<float>(base[0]);
+  constexpr index_t kStride = static_cast<index_t>(kThreads) * kVec;
+  Moments<float> m = gn::moments_empty<float>();
+  index_t i = begin + static_cast<index_t>(threadIdx.x) * kVec;
+  for (; i + kStride < end; i += 2 * kStride) {  // two loads in flight
+    const Pack<T, kVec> a = load_pack<T, kVec>(base + i), b = load_pack<T, kVec>(base + i + kStride);
+    float d[kVec];
+    shifted(a, shift, d);
+    m = gn::moments_merge(m, gn::moments_of_run(d));
+    shifted(b, shift, d);
+    m = gn::moments_merge(m, gn::moments_of_run(d));
   }
-  Moments<float> m = gn::moments_from_shifted_sums<float>(count, shift, s1, s2);
+  if (i < end) {
+    float d[kVec];
+    shifted(load_pack<T, kVec>(base + i), shift, d);
+    m = gn::moments_merge(m, gn::moments_of_run(d));
+  }
   m = block_merge<kThreads>(m);
   if (threadIdx.x == 0) partial[static_cast<int64_t>(ng) * gridDim.y + blockIdx.y] = m;
 }
 
-// grid (N * ceil(C / 32), splits), block (32, 8): blockIdx.x = n * tiles + tile. Thread (tx, ty)
-// sums channel c = 32 * tile + tx of sample n over the pixels p = begin + ty, begin + ty + 8, ...
-// of its split.
-template <typename T, typename index_t>
-__global__ void __launch_bounds__(kTileChannels* kTileRows)
+// grid (N * tiles, splits), block (tx_dim, ty_dim) with tx_dim * ty_dim = kThreads and
+// tx_dim <= 32: a tile is tx_dim * kVec channels, blockIdx.x = n * tiles + tile. With kVec > 1,
+// C is a multiple of kVec and x is 16-byte aligned. Moments of channel c are of x minus its
+// group's shift x[n, pixel 0, first channel of the group].
+template <typename T, int kVec, typename index_t>
+__global__ void __launch_bounds__(kThreads)
 moments_channels_last_kernel(const T* __restrict__ x, index_t pixels, index_t channels,
-                             index_t chunk_px, Moments<float>* __restrict__ partial) {
-  __shared__ Moments<float> tile[kTileRows][kTileChannels];
-  const index_t tiles = (channels + kTileChannels - 1) / kTileChannels;
+                             index_t cg, index_t chunk_px, Moments<float>* __restrict__ partial) {
+  __shared__ float row_count[kThreads];
+  __shared__ float2 row_moments[kThreads * kVec];  // (mean, m2) of thread t's channel j at t * kVec + j
+  const index_t tx_dim = blockDim.x, ty_dim = blockDim.y;
+  const index_t tile_channels = tx_dim * kVec;
+  const index_t tiles = (channels + tile_channels - 1) / tile_channels;
   const index_t n = static_cast<index_t>(blockIdx.x) / tiles;
-  const index_t c = static_cast<index_t>(blockIdx.x) % tiles * kTileChannels + threadIdx.x;
+  const index_t c_tile = static_cast<index_t>(blockIdx.x) % tiles * tile_channels;
+  const index_t c0 = c_tile + static_cast<index_t>(threadIdx.x) * kVec;
   const index_t p_begin = static_cast<index_t>(blockIdx.y) * chunk_px;
   const index_t p_end = imin<index_t>(pixels, p_begin + chunk_px);
-  Moments<float> m = gn::moments_empty<float>();
-  if (c < channels) {
-    const T* base = x + n * pixels * channels + c;
-    const float shift = static_cast<float>(base[0]);
-    float s1 = 0.f, s2 = 0.f, count = 0.f;
-    for (index_t p = p_begin + threadIdx.y; p < p_end; p += kTileRows) {
-      const float d = static_cast<float>(base[p * channels]) - shift;
-      s1 += d;
-      s2 = fmaf(d, d, s2);
-      count += 1.f;
-    }
-    m = gn::moments_from_shifted_sums<float>(count, shift, s1, s2);
-  }
-  tile[threadIdx.y][threadIdx.x] = m;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < channels) {
+  const T* sample = x + n * pixels * channels;
+  float count = 0.f, mean[kVec], m2[kVec], shift[kVec];
 #pragma unroll
-    for (int r = 1; r < kTileRows; ++r) m = gn::moments_merge(m, tile[r][threadIdx.x]);
-    partial[(static_cast<int64_t>(n) * channels + c) * gridDim.y + blockIdx.y] = m;
+  for (int j = 0; j < kVec; ++j) mean[j] = m2[j] = shift[j] = 0.f;
+  if (c0 < channels) {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) shift[j] = static_cast<float>(sample[(c0 + j) / cg * cg]);
+    const T* col = sample + c0;
+    for (index_t p = p_begin + threadIdx.y; p < p_end; p += 2 * ty_dim) {  // two rows in flight
+      const bool second = p + ty_dim < p_end;
+      const Pack<T, kVec> a = load_pack<T, kVec>(col + p * channels);
+      Pack<T, kVec> b = a;
+      if (second) b = load_pack<T, kVec>(col + (p + ty_dim) * channels);
+      count += 1.f;
+      float inv = 1.f / count;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j)
+        gn::welford_step(mean[j], m2[j], static_cast<float>(a.v[j]) - shift[j], inv);
+      if (second) {
+        count += 1.f;
+        inv = 1.f / count;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j)
+          gn::welford_step(mean[j], m2[j], static_cast<float>(b.v[j]) - shift[j], inv);
+      }
+    }
+  }
+  const int t = threadIdx.y * tx_dim + threadIdx.x;
+  row_count[t] = count;
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) row_moments[t * kVec + j] = make_float2(mean[j], m2[j]);
+  __syncthreads();
+  // thread s < tile_channels merges channel c_tile + s over the ty_dim rows, in row order
+  const index_t s = threadIdx.y * tx_dim + threadIdx.x, c = c_tile + s;
+  if (s < tile_channels && c < channels) {
+    const index_t owner = s / kVec, j = s % kVec;
+    Moments<float> r = gn::moments_empty<float>();
+    for (index_t row = 0; row < ty_dim; ++row) {
+      const index_t src = row * tx_dim + owner;
+      const float2 mv = row_moments[src * kVec + j];
+      r = gn::moments_merge(r, Moments<float>{row_count[src], mv.x, mv.y});
+    }
+    partial[(static_cast<int64_t>(n) * channels + c) * gridDim.y + blockIdx.y] = r;
   }
 }
 
 // ---- 2. coefficients ---------------------------------------------------------------------------
+
+// Element i of a float / half / bfloat16 array, as float.
+__device__ __forceinline__ float load_float(const void* p, int64_t i, at::ScalarType dtype) {
+  switch (dtype) {
+    case at::ScalarType::Half:
+      return static_cast<float>(static_cast<const at::Half*>(p)[i]);
+    case at::ScalarType::BFloat16:
+      return static_cast<float>(static_cast<const at::BFloat16*>(p)[i]);
+    default:
+      return static_cast<const float*>(p)[i];
+  }
+}
+
+// Parameter (n, c), or `absent` without one.
+__device__ __forceinline__ float param_at(const gn::Param& q, int64_t n, int64_t c, float absent) {
+  return q.data ? load_float(q.data, n * q.stride_n + c * q.stride_c, q.dtype) : absent;
+}
 
 struct CoefArgs {
   const Moments<float>* partial;  // (N * G, per_group)
@@ -158,11 +230,13 @@ struct CoefArgs {
   int64_t channels;
   int64_t groups;
   float eps;
-  const float* weight;  // (C,) or nullptr
-  const float* bias;
-  const float* scale;   // (N, C) or nullptr
-  const float* shift;
-  float2* coef;         // (N, C): (a, b)
+  const void* x;           // the input, for the groups' shifts
+  at::ScalarType x_dtype;
+  int64_t group_stride_n;  // offset of group (n, g)'s first element: n * group_stride_n
+  int64_t group_stride_g;  //   + g * group_stride_g
+  gn::Param weight, bias;  // (C,)
+  gn::Param scale, shift;  // (N, C)
+  float2* coef;            // (N, C): (a, b)
 };
 
 __global__ void __launch_bounds__(kCoefThreads) coefficients_kernel(CoefArgs args) {
@@ -177,21 +251,62 @@ __global__ void __launch_bounds__(kCoefThreads) coefficients_kernel(CoefArgs arg
   if (threadIdx.x == 0) {
     s_mean = m.mean;
     s_rstd = gn::group_rstd<float>(m, args.eps);
+    s_mean += load_float(args.x, n * args.group_stride_n + g * args.group_stride_g, args.x_dtype);
   }
   __syncthreads();
   for (int64_t j = threadIdx.x; j < cg; j += kCoefThreads) {
     const int64_t c = g * cg + j, nc = n * args.channels + c;
     const gn::ChannelAffine<float> f = gn::channel_affine<float>(
-        s_mean, s_rstd, args.weight ? args.weight[c] : 1.f, args.bias ? args.bias[c] : 0.f,
-        args.scale ? args.scale[nc] : 0.f, args.shift ? args.shift[nc] : 0.f);
+        s_mean, s_rstd, param_at(args.weight, 0, c, 1.f), param_at(args.bias, 0, c, 0.f),
+        param_at(args.scale, n, c, 0.f), param_at(args.shift, n, c, 0.f));
     args.coef[nc] = make_float2(f.a, f.b);
   }
 }
 
 // ---- 3. apply ----------------------------------------------------------------------------------
 
-// Vector v covers elements [v * kVec, (v + 1) * kVec): with kVec > 1 they share one (n, c) plane
-// (NCHW, pixels % kVec == 0) or one pixel row (channels-last, channels % kVec == 0).
+// (a, b) of two consecutive channels: one 16-byte load.
+struct alignas(16) CoefPair {
+  float a0, b0, a1, b1;
+};
+
+// y[i .. i + kVec) from x[i .. i + kVec): with kVec > 1 they share one (n, c) plane (NCHW,
+// pixels % kVec == 0) or one pixel row (channels-last, channels % kVec == 0).
+template <typename T, int kVec, bool kChannelsLast, typename index_t>
+__device__ __forceinline__ Pack<T, kVec> apply_pack(const Pack<T, kVec>& in, index_t i, index_t pixels,
+                                                    index_t channels, const float2* __restrict__ coef,
+                                                    bool silu) {
+  constexpr bool kFast = !std::is_same_v<T, float>;  // fp16/bf16 outputs: fast SiLU
+  Pack<T, kVec> out;
+  if constexpr (kChannelsLast) {
+    const index_t c0 = i % channels;
+    const float2* cf = coef + (i / (pixels * channels)) * channels + c0;
+    if constexpr (kVec % 2 == 0) {  // (a, b) of two channels per 16-byte load
+#pragma unroll
+      for (int j = 0; j < kVec; j += 2) {
+        const CoefPair ab = *reinterpret_cast<const CoefPair*>(cf + j);
+        out.v[j] = static_cast<T>(gn::apply_element_as<kFast>(static_cast<float>(in.v[j]), ab.a0, ab.b0, silu));
+        out.v[j + 1] =
+            static_cast<T>(gn::apply_element_as<kFast>(static_cast<float>(in.v[j + 1]), ab.a1, ab.b1, silu));
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const float2 ab = cf[j];
+        out.v[j] = static_cast<T>(gn::apply_element_as<kFast>(static_cast<float>(in.v[j]), ab.x, ab.y, silu));
+      }
+    }
+  } else {
+    const float2 ab = coef[i / pixels];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j)
+      out.v[j] = static_cast<T>(gn::apply_element_as<kFast>(static_cast<float>(in.v[j]), ab.x, ab.y, silu));
+  }
+  return out;
+}
+
+// Vector v covers elements [v * kVec, (v + 1) * kVec); a thread takes vectors v and v + stride
+// (both loads issued first), then moves on by 2 * stride.
 template <typename T, int kVec, bool kChannelsLast, typename index_t>
 __global__ void __launch_bounds__(kThreads)
 apply_kernel(const T* __restrict__ x, T* __restrict__ y, index_t numel, index_t pixels,
@@ -199,25 +314,17 @@ apply_kernel(const T* __restrict__ x, T* __restrict__ y, index_t numel, index_t 
   const index_t n_vec = numel / kVec;
   const index_t stride = static_cast<index_t>(gridDim.x) * kThreads;
   for (index_t v = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x; v < n_vec;
-       v += stride) {
-    const index_t i = v * kVec;
-    const Pack<T, kVec> in = *reinterpret_cast<const Pack<T, kVec>*>(x + i);
-    Pack<T, kVec> out;
-    if constexpr (kChannelsLast) {
-      const index_t c0 = i % channels;
-      const float2* cf = coef + (i / (pixels * channels)) * channels + c0;
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        const float2 ab = cf[j];
-        out.v[j] = static_cast<T>(gn::apply_element(static_cast<float>(in.v[j]), ab.x, ab.y, silu));
-      }
-    } else {
-      const float2 ab = coef[i / pixels];
-#pragma unroll
-      for (int j = 0; j < kVec; ++j)
-        out.v[j] = static_cast<T>(gn::apply_element(static_cast<float>(in.v[j]), ab.x, ab.y, silu));
-    }
-    *reinterpret_cast<Pack<T, kVec>*>(y + i) = out;
+       v += 2 * stride) {
+    const index_t i = v * kVec, i2 = (v + stride) * kVec;
+    const bool second = v + stride < n_vec;
+    const Pack<T, kVec> a = load_pack<T, kVec>(x + i);
+    Pack<T, kVec> b = a;
+    if (second) b = load_pack<T, kVec>(x + i2);
+    *reinterpret_cast<Pack<T, kVec>*>(y + i) =
+        apply_pack<T, kVec, kChannelsLast, index_t>(a, i, pixels, channels, coef, silu);
+    if (second)
+      *reinterpret_cast<Pack<T, kVec>*>(y + i2) =
+          apply_pack<T, kVec, kChannelsLast, index_t>(b, i2, pixels, channels, coef, silu);
   }
 }
 
@@ -255,7 +362,7 @@ template <typename T, int kVec, typename index_t>
 void launch(const Problem& p, const T* x, T* y, const at::TensorOptions& float_opts) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t sms = sm_count();
-  const int64_t target_blocks = 2 * sms;
+  const int64_t target_blocks = kBlocksPerSm * sms;
   const int64_t cg = p.c / p.groups, ng = p.n * p.groups;
   const int64_t max_x = max_grid_dim(cudaDevAttrMaxGridDimX);
   const int64_t max_y = max_grid_dim(cudaDevAttrMaxGridDimY);
@@ -280,20 +387,24 @@ void launch(const Problem& p, const T* x, T* y, const at::TensorOptions& float_o
             reinterpret_cast<Moments<float>*>(partial.data_ptr<float>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
-    const int64_t tiles = ceil_div(p.c, kTileChannels);
-    DDPM_CHECK(tiles * p.n <= max_x, "group_norm_scale_shift: N * ceil(C / 32) = ", tiles * p.n,
+    // a block row covers up to 32 channel vectors (a power of two >= the vectors of C)
+    int64_t tx = 1;
+    while (tx < kMaxTileVectors && tx * kVec < p.c) tx *= 2;
+    const int64_t ty = kThreads / tx;
+    const int64_t tiles = ceil_div(p.c, tx * kVec);
+    DDPM_CHECK(tiles * p.n <= max_x, "group_norm_scale_shift: N * channel tiles = ", tiles * p.n,
                " blocks exceed the grid limit ", max_x);
-    const int64_t max_splits = std::max<int64_t>(1, ceil_div(p.pixels, kTileRows * 8));
+    const int64_t max_splits = std::max<int64_t>(1, ceil_div(p.pixels, ty * 8));  // >= 8 rows a thread
     int64_t splits = std::clamp<int64_t>(ceil_div(target_blocks, tiles * p.n), 1,
                                          std::min<int64_t>(max_splits, max_y));
     const int64_t chunk_px = ceil_div(p.pixels, splits);
     splits = ceil_div(p.pixels, chunk_px);
     per_group = cg * splits;
     partial = at::empty({ng * per_group * 3}, float_opts);
-    moments_channels_last_kernel<T, index_t>
+    moments_channels_last_kernel<T, kVec, index_t>
         <<<dim3(static_cast<unsigned>(tiles * p.n), static_cast<unsigned>(splits)),
-           dim3(kTileChannels, kTileRows), 0, stream>>>(
-            x, static_cast<index_t>(p.pixels), static_cast<index_t>(p.c),
+           dim3(static_cast<unsigned>(tx), static_cast<unsigned>(ty)), 0, stream>>>(
+            x, static_cast<index_t>(p.pixels), static_cast<index_t>(p.c), static_cast<index_t>(cg),
             static_cast<index_t>(chunk_px),
             reinterpret_cast<Moments<float>*>(partial.data_ptr<float>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -302,7 +413,18 @@ void launch(const Problem& p, const T* x, T* y, const at::TensorOptions& float_o
   // 2. coefficients (N, C) of float2
   at::Tensor coef = at::empty({p.n * p.c * 2}, float_opts);
   CoefArgs args{reinterpret_cast<const Moments<float>*>(partial.data_ptr<float>()),
-                per_group, p.c, p.groups, static_cast<float>(p.eps), p.weight, p.bias, p.scale, p.shift,
+                per_group,
+                p.c,
+                p.groups,
+                static_cast<float>(p.eps),
+                x,
+                c10::CppTypeToScalarType<T>::value,
+                p.c * p.pixels,
+                p.channels_last ? cg : cg * p.pixels,
+                p.weight_p,
+                p.bias_p,
+                p.scale_p,
+                p.shift_p,
                 reinterpret_cast<float2*>(coef.data_ptr<float>())};
   coefficients_kernel<<<static_cast<unsigned>(ng), kCoefThreads, 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -354,7 +476,8 @@ at::Tensor group_norm_scale_shift_cuda(const at::Tensor& x, int64_t num_groups,
   gn::check_args(x, num_groups, weight, bias, scale, shift, eps);
   const c10::cuda::CUDAGuard guard(x.device());
   if (x.numel() == 0) return at::empty_like(x);
-  gn::Call call = gn::prepare_call(x, num_groups, weight, bias, scale, shift, eps, silu);
+  gn::Call call =
+      gn::prepare_call(x, num_groups, weight, bias, scale, shift, eps, silu, /*in_place_params=*/true);
   const Problem& p = call.p;
   gn::Layout& layout = call.layout;
   switch (x.scalar_type()) {

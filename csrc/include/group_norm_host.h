@@ -112,31 +112,71 @@ inline at::Tensor finish_layout(Layout& l) {
   return l.out;
 }
 
-// One call as the kernels see it: sizes, options and fp32 parameter pointers (or nullptr).
+// A (C,) or (N, C) parameter read where it lies: element (n, c) at
+// data[n * stride_n + c * stride_c] (stride_n = 0 for (C,)), of dtype float, half or bfloat16.
+// AdaGN's scale and shift are emb_out.chunk(2, 1): (N, C) views with stride_n = 2C, read in place.
+struct Param {
+  const void* data = nullptr;  // nullptr: absent
+  int64_t stride_n = 0, stride_c = 0;
+  at::ScalarType dtype = at::kFloat;
+};
+
+// One call as the kernels see it: sizes, options and the parameters, as fp32 contiguous pointers
+// (or nullptr; prepare_call's default, the CPU kernel's) or, with in-place parameters (the CUDA
+// kernel), as Params only (the pointers are then nullptr).
 struct Problem {
   int64_t n, c, pixels, groups;
   double eps;
   bool silu, channels_last;
   const float *weight, *bias, *scale, *shift;  // (C,), (C,), (N, C), (N, C)
+  Param weight_p, bias_p, scale_p, shift_p;     // the same (also set for fp32 copies)
 };
 
-// A checked call ready to launch: its layout, the fp32 copies of the small parameters (kept alive
-// here) and the Problem pointing into them.
+// A parameter as a kernel that reads float/half/bfloat16 with strides takes it: other floating
+// dtypes (float64) become an fp32 copy.
+inline std::optional<at::Tensor> as_readable(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return std::nullopt;
+  const auto s = t->scalar_type();
+  if (s == at::kFloat || s == at::kHalf || s == at::kBFloat16) return t;
+  return t->to(at::kFloat);
+}
+
+inline Param param_of(const std::optional<at::Tensor>& t) {
+  Param r;
+  if (!t.has_value()) return r;
+  r.data = t->const_data_ptr();
+  r.dtype = t->scalar_type();
+  if (t->dim() == 1) {
+    r.stride_c = t->stride(0);
+  } else {
+    r.stride_n = t->stride(0);
+    r.stride_c = t->stride(1);
+  }
+  return r;
+}
+
+// A checked call ready to launch: its layout, the parameters (fp32 contiguous copies, or the
+// given tensors, kept alive here) and the Problem pointing into them.
 struct Call {
   Layout layout;
   std::optional<at::Tensor> weight, bias, scale, shift;
   Problem p;
 };
 
-// For x with numel() > 0 that passed check_args.
+// For x with numel() > 0 that passed check_args. in_place_params: keep weight/bias/scale/shift
+// as given (no copies; Problem's Params only), for a kernel that reads them with their strides.
 inline Call prepare_call(const at::Tensor& x, int64_t num_groups,
                          const std::optional<at::Tensor>& weight,
                          const std::optional<at::Tensor>& bias,
                          const std::optional<at::Tensor>& scale,
-                         const std::optional<at::Tensor>& shift, double eps, bool silu) {
-  Call call{plan_layout(x), as_float(weight), as_float(bias), as_float(scale), as_float(shift), {}};
-  const auto ptr = [](const std::optional<at::Tensor>& t) {
-    return t ? t->const_data_ptr<float>() : nullptr;
+                         const std::optional<at::Tensor>& shift, double eps, bool silu,
+                         bool in_place_params = false) {
+  const auto prep = [&](const std::optional<at::Tensor>& t) {
+    return in_place_params ? as_readable(t) : as_float(t);
+  };
+  Call call{plan_layout(x), prep(weight), prep(bias), prep(scale), prep(shift), {}};
+  const auto ptr = [&](const std::optional<at::Tensor>& t) {
+    return t && !in_place_params ? t->const_data_ptr<float>() : nullptr;
   };
   Problem& p = call.p;
   p.n = x.size(0);
@@ -150,6 +190,10 @@ inline Call prepare_call(const at::Tensor& x, int64_t num_groups,
   p.bias = ptr(call.bias);
   p.scale = ptr(call.scale);
   p.shift = ptr(call.shift);
+  p.weight_p = param_of(call.weight);
+  p.bias_p = param_of(call.bias);
+  p.scale_p = param_of(call.scale);
+  p.shift_p = param_of(call.shift);
   return call;
 }
 

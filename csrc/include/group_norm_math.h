@@ -9,6 +9,14 @@
 // Statistics are carried as Moments {count, mean, m2 = sum (x - mean)^2} and merged with Chan's
 // parallel formula, which stays accurate when the mean is large relative to the spread (unlike
 // E[x^2] - E[x]^2). T is float on the GPU and double for the CPU's per-channel / per-group merges.
+//
+// The GPU kernel keeps every Moments of a group in one frame: values minus the group's shift (its
+// first element), subtracted before any arithmetic. Its threads build moments by Welford's update
+// (welford_step, one value per channel) or from short runs (moments_of_run: a run of K values of
+// one group, two passes over registers) merged with Chan's formula, so no sum of squares is ever
+// formed. In fp32 a large mean (1e4 + N(0, 1): ulp(1e4) = 1e-3) would otherwise enter every
+// update's rounding and, through Chan's delta term, m2 to first order (~1e-5 relative); in the
+// shifted frame means are O(spread) and rounding stays at fp32's 6e-8 relative.
 #pragma once
 
 #include <cmath>
@@ -56,6 +64,43 @@ DDPM_HD Moments<T> moments_merge(Moments<T> a, Moments<T> b) {
   return r;
 }
 
+// Welford's update of one running (mean, m2) with the value d when the count has just become
+// 1 / inv_count: channels that see the same number of values share the reciprocal.
+template <typename T>
+DDPM_HD void welford_step(T& mean, T& m2, T d, T inv_count) {
+  const T delta = d - mean;
+  mean += delta * inv_count;
+  m2 += delta * (d - mean);
+}
+
+// Moments of the K values d[0..K) (two passes over registers: mean, then squared deviations).
+// K is a power of two, so the mean is the sum scaled exactly.
+template <int K, typename T>
+DDPM_HD Moments<T> moments_of_run(const T (&d)[K]) {
+  static_assert(K > 0 && (K & (K - 1)) == 0, "K must be a power of two");
+  T sum = T(0);
+#pragma unroll
+  for (int k = 0; k < K; ++k) sum += d[k];
+  const T mean = sum * (T(1) / T(K));
+  T m2 = T(0);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const T dev = d[k] - mean;
+    m2 += dev * dev;
+  }
+  return Moments<T>{T(K), mean, m2};
+}
+
+// True when moments from shifted sums (below) are ill-conditioned: s2 - s1^2 / count multiplies
+// the rounding of the fp32 squares by 1 + (mean - shift)^2 / var, so a shift more than two standard
+// deviations away (e.g. an outlier as the first value: 4e-5 relative variance error) needs a second
+// pass with a better shift (the CPU kernel's first shift is one value of the data).
+template <typename T>
+DDPM_HD bool shift_is_far(const Moments<T>& m, T shift) {
+  const T off = m.mean - shift;
+  return off * off * m.count > T(4) * m.m2;
+}
+
 // Moments of `count` values x_i given s1 = sum(x_i - shift) and s2 = sum((x_i - shift)^2).
 // Choosing `shift` close to the data (e.g. one of the values) keeps s2 - s1^2/count well conditioned.
 template <typename T>
@@ -97,10 +142,31 @@ DDPM_HD float silu(float v) {
   return v / (1.0f + expf(-v));
 }
 
+// SiLU for fp16/bf16 outputs: on the GPU the fast exp (__expf, ex2.approx: a few ulp of fp32 for
+// |v| < 30, ~1e-6 relative at |v| = 80) and division (__fdividef, rcp.approx: 2 ulp; v / inf gives
+// -0 for v < -88 as the exact form does), errors far below the outputs' rounding (2^-11 / 2^-8
+// relative). fp32 outputs use the exact silu. Elsewhere (the CPU kernel, which has its own vector
+// SiLU) the exact one; the SIMT harness provides both intrinsics (tests/simt/simt.h).
+DDPM_HD float silu_fast(float v) {
+#if defined(__CUDA_ARCH__)
+  return __fdividef(v, 1.0f + __expf(-v));
+#else
+  return silu(v);
+#endif
+}
+
 // The fused normalise + affine + scale-shift (+ SiLU) of one element, in fp32.
 DDPM_HD float apply_element(float x, float a, float b, bool use_silu) {
   const float y = fmaf(a, x, b);
   return use_silu ? silu(y) : y;
+}
+
+// The same with silu_fast (kFast) or the exact SiLU.
+template <bool kFast>
+DDPM_HD float apply_element_as(float x, float a, float b, bool use_silu) {
+  const float y = fmaf(a, x, b);
+  if (!use_silu) return y;
+  return kFast ? silu_fast(y) : silu(y);
 }
 
 }  // namespace gn
