@@ -17,6 +17,16 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+
+# Under pytest-xdist (`make test` runs two workers) each worker gets its share of the cores for
+# torch's intra-op threads: two workers with two OpenMP threads each on a 2-core machine spin
+# against each other (a tiny forward went from milliseconds to seconds). Tests that need a given
+# thread count (tests/test_contexts.py: 1 and 2) set it themselves.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    torch.set_num_threads(_THREADS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))   # the subprocesses tests start (CLI)
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
