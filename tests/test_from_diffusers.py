@@ -222,36 +222,37 @@ def _report(what, got, want):
     torch.testing.assert_close(got, want, rtol=0, atol=5e-4)
 
 
+def _ddpm_runs(small_pipeline, monkeypatch, sched, x_seed, seed):
+    """(ours, diffusers', converted process, x_T): ddpm_fast.sample with the scheduler's options
+    (fused steps, in-kernel noise) and DDPMScheduler's loop fed that noise, from one x_T."""
+    ref, model = small_pipeline
+    _, diffusion = from_diffusers(ref, sched)
+    shape = (3, 16, 16)
+    x_T = torch.randn(2, *shape, generator=torch.Generator().manual_seed(x_seed))
+    got = ddpm_fast.sample(model, steps=N_STEPS, diffusion=diffusion, x_T=x_T, seed=seed, progress=False,
+                           **diffusion.sample_options())
+    noises = _philox_noise(sample_seeds(seed, 0, 2), shape)
+    want = _diffusers_loop(ref, DDPMScheduler.from_config(sched.config), x_T, noises, monkeypatch)
+    return got, want, diffusion, x_T
+
+
 @pytest.mark.parametrize("variance,prediction,spacing", [("fixed_small", "epsilon", "leading"),
                                                          ("fixed_large", "epsilon", "leading"),
                                                          ("fixed_small", "v_prediction", "trailing")])
 def test_ddpm_sample_matches_diffusers_loop(small_pipeline, monkeypatch, variance, prediction, spacing):
     """ddpm_fast.sample (fused steps, in-kernel noise) == DDPMScheduler's loop fed that noise."""
-    ref, model = small_pipeline
     sched = DDPMScheduler(variance_type=variance, prediction_type=prediction, timestep_spacing=spacing)
-    _, diffusion = from_diffusers(ref, sched)
-    shape = (3, 16, 16)
-    x_T = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
-    got = ddpm_fast.sample(model, steps=N_STEPS, diffusion=diffusion, x_T=x_T, seed=11, progress=False,
-                           **diffusion.sample_options())
-    noises = _philox_noise(sample_seeds(11, 0, 2), shape)
-    want = _diffusers_loop(ref, DDPMScheduler.from_config(sched.config), x_T, noises, monkeypatch)
+    got, want, _, _ = _ddpm_runs(small_pipeline, monkeypatch, sched, x_seed=0, seed=11)
     _report(f"DDPM {variance} {prediction} {spacing}", got, want)
 
 
 def test_ddpm_thresholding_matches_diffusers_loop(small_pipeline, monkeypatch):
     """sample(dynamic_threshold=...) from a thresholding DDPMScheduler == its loop (Imagen's dynamic
     thresholding of x0 by the per-sample quantile of |x0|)."""
-    ref, model = small_pipeline
     sched = DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.8, sample_max_value=1.5)
-    _, diffusion = from_diffusers(ref, sched)
-    shape = (3, 16, 16)
-    x_T = torch.randn(2, *shape, generator=torch.Generator().manual_seed(4))
-    got = ddpm_fast.sample(model, steps=N_STEPS, diffusion=diffusion, x_T=x_T, seed=12, progress=False,
-                           **diffusion.sample_options())
-    noises = _philox_noise(sample_seeds(12, 0, 2), shape)
-    want = _diffusers_loop(ref, DDPMScheduler.from_config(sched.config), x_T, noises, monkeypatch)
-    plain = ddpm_fast.sample(model, steps=N_STEPS, diffusion=diffusion, x_T=x_T, seed=12, progress=False)
+    got, want, diffusion, x_T = _ddpm_runs(small_pipeline, monkeypatch, sched, x_seed=4, seed=12)
+    plain = ddpm_fast.sample(small_pipeline[1], steps=N_STEPS, diffusion=diffusion, x_T=x_T, seed=12,
+                             progress=False)
     assert (plain - want).abs().max() > 1e-2     # the thresholding changes this run
     _report("DDPM thresholding", got, want)
 
