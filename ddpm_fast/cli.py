@@ -140,6 +140,9 @@ def _sample(args) -> int:
     model, what = _load_model(args)
     model = model.to(args.device).eval()
     options = dict(_sampler_options(args), truncate=args.truncate)
+    classifier = _classifier(args)
+    if classifier is not None:
+        options["cond_fn"] = classifier
     if args.out_dir:
         return _sample_sharded(args, model, options)
     labels = _balanced_labels(args.num_samples, model)
@@ -172,6 +175,24 @@ def _sample(args) -> int:
     return 0
 
 
+def _classifier(args):
+    """Classifier guidance as guided-diffusion's classifier_sample.py: when --flags hold
+    --classifier_path, the classifier its CLASSIFIER_FLAGS describe (flags.classifier_from_flags),
+    loaded from that path, guiding with --classifier_scale (default 1.0). Else None."""
+    if not args.flags:
+        return None
+    from .classifier import classifier_guidance
+    from .flags import classifier_from_flags, parse_flags
+
+    parsed = parse_flags(args.flags)
+    path = parsed.get("classifier_path")
+    if not path:
+        return None
+    classifier = classifier_from_flags(args.flags, checkpoint=path).to(args.device)
+    print(f"classifier guidance: {path}, scale {parsed.get('classifier_scale', 1.0)}", file=sys.stderr)
+    return classifier_guidance(classifier, scale=parsed.get("classifier_scale", 1.0))
+
+
 def _check_sampling_args(args) -> None:
     """Everything of `sample` / `demo` that can be checked before any work: counts, seed, and the
     output files (suffix, not a directory, a writable directory)."""
@@ -202,7 +223,7 @@ def _sample_sharded(args, model, options) -> int:
               **({"diffusers": str(args.diffusers)} if getattr(args, "diffusers", None) else {}),
               "num_samples": args.num_samples, "chunk_size": args.chunk_size, "seed": args.seed,
               "labels": args.labels, "out": args.out, **{k: v for k, v in options.items()
-                                                         if k not in ("cuda_graph", "batch_size")}}
+                                                         if k not in ("cuda_graph", "batch_size", "cond_fn")}}
     config["clip"] = None if config["clip"] is None else list(config["clip"])
     t0 = time.perf_counter()
     rank = int(os.environ.get("RANK", "0"))

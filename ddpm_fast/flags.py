@@ -342,6 +342,64 @@ def load_into(model: UNet, state: Mapping[str, torch.Tensor], *, source: str = "
     return model
 
 
+# ---- the classifier of classifier guidance -------------------------------------------------------
+
+# guided-diffusion's classifier_defaults() (beside image_size)
+CLASSIFIER_DEFAULTS = dict(
+    classifier_use_fp16=False, classifier_width=128, classifier_depth=2,
+    classifier_attention_resolutions="32,16,8", classifier_use_scale_shift_norm=True,
+    classifier_resblock_updown=True, classifier_pool="attention",
+)
+CLASSIFIER_SIZES = (64, 128, 256, 512)  # the image sizes guided-diffusion's create_classifier knows
+
+
+def classifier_from_flags(flags, checkpoint=None, *, device=None, backend: str = "auto"):
+    """Build guided-diffusion's classifier (create_classifier) from its CLASSIFIER_FLAGS:
+
+        classifier = classifier_from_flags("--image_size 64 --classifier_depth 4 ...",
+                                           checkpoint="64x64_classifier.pt")
+        images = sample(model, steps=250, class_labels=labels,
+                        cond_fn=classifier_guidance(classifier, scale=1.0))
+
+    Flags not given take classifier_defaults()'s values (width 128, depth 2, attention at 32,16,8,
+    scale-shift norm, resblock up/down, attention pooling); channel_mult follows the image size
+    (64, 128, 256 or 512) as in create_classifier; 1000 classes, 64 channels per attention head.
+    Other flags of the sampling scripts are accepted and ignored. Returns a
+    ddpm_fast.classifier.EncoderUNet in eval mode (float16 torso with --classifier_use_fp16 True),
+    with `classifier.flags`; the checkpoint (path or state_dict) is loaded strictly.
+    """
+    from .classifier import EncoderUNet
+
+    parsed = {**CLASSIFIER_DEFAULTS, **{k: v for k, v in parse_flags(flags).items() if k not in DEFAULTS or
+                                       k == "image_size"}}
+    size = parsed["image_size"]
+    if size not in CLASSIFIER_SIZES:
+        raise ValueError(f"--image_size {size}: guided-diffusion's classifiers exist for image sizes "
+                         f"{', '.join(map(str, CLASSIFIER_SIZES))}")
+    for name in ("classifier_width", "classifier_depth"):
+        if parsed[name] < 1:
+            raise ValueError(f"--{name}: expected a positive integer; got {parsed[name]}")
+    resolutions = _int_list("classifier_attention_resolutions", parsed["classifier_attention_resolutions"])
+    if any(r < 1 or size % r for r in resolutions):
+        raise ValueError(f"--classifier_attention_resolutions: each must divide --image_size {size}; "
+                         f"got {parsed['classifier_attention_resolutions']!r}")
+    with torch.device(device if device is not None else "cpu"):
+        model = EncoderUNet(
+            image_size=size, in_channels=3, model_channels=parsed["classifier_width"], out_channels=NUM_CLASSES,
+            num_res_blocks=parsed["classifier_depth"], attention_resolutions=tuple(size // r for r in resolutions),
+            channel_mult=DEFAULT_CHANNEL_MULT[size], use_fp16=parsed["classifier_use_fp16"], num_head_channels=64,
+            use_scale_shift_norm=parsed["classifier_use_scale_shift_norm"],
+            resblock_updown=parsed["classifier_resblock_updown"], pool=parsed["classifier_pool"], backend=backend)
+    if checkpoint is not None:
+        if isinstance(checkpoint, Mapping):
+            state, source = dict(checkpoint), "the checkpoint state_dict"
+        else:
+            state, source = load_checkpoint(checkpoint), f"checkpoint {os.fspath(checkpoint)!r}"
+        load_into(model, state, source=source)
+    model.flags = parsed
+    return model.eval()
+
+
 # ---- the entry point --------------------------------------------------------------------------
 
 def from_flags(flags, checkpoint=None, *, device=None, backend: str = "auto"):

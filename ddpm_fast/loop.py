@@ -182,8 +182,8 @@ def reverse_loop(model_fn: ModelFn, plan: Plan, x: torch.Tensor, seeds: torch.Te
     model_fn(x, t) -> model output (B, C or 2C, H, W), with t the (B,) model timesteps;
     seeds (B,) int64 key the in-kernel noise (None: no noise, e.g. deterministic DDIM);
     cond_fn(x, t) -> classifier-guidance gradient (needs autograd: eager only); it alone runs
-    with gradients: the model calls and the steps run under no_grad (so the U-Net takes its
-    fused forward-only kernels even when its parameters require grad);
+    with gradients: the model calls and the steps run under no_grad (no autograd graph is
+    recorded through the U-Net even when its parameters require grad);
     steps: the step indices to visit, in order (default S-1 down to 0; restoration visits
     part of them); before_step(x, s) -> x runs before each step (restoration's known region).
     Returns x (B, C, H, W) float32 after the last step, and its predicted x0 when return_x0.

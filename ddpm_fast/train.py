@@ -46,6 +46,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import ops
+from ._registry import resolve
 from .diffusion import Diffusion
 from .unet import UNet
 
@@ -344,8 +346,15 @@ class TrainConfig:
 
 
 def build_unet(unet_kwargs: dict, **extra) -> UNet:
-    """The UNet of a config; training uses the pure-PyTorch reference backend (autograd)."""
+    """The UNet of a config (extra: UNet keyword options such as backend)."""
     return UNet(**unet_kwargs, **extra)
+
+
+def fused_by_default(device) -> bool:
+    """Whether training runs on the fused ops by default on `device`: when every op has a fused
+    kernel there (each has its fused backward on every backend), else the reference ops do."""
+    device = torch.device(device)
+    return all(resolve(op, "auto", device) != "torch" for op in ops.__all__)
 
 
 class Trainer:
@@ -356,9 +365,13 @@ class Trainer:
         out_dir: where checkpoint.pt and log.jsonl go (None: nowhere, e.g. in tests).
         data: (x (N, C, H, W) in [-1, 1], y (N,) int64) to train on; default digits_data(config).
         device: the torch device.
+        fused: run the model's forward and backward on the fused ops (backend "auto", fast
+            paths on) instead of the pure-PyTorch reference ops (backend "torch"); default
+            `fused_by_default(device)`. Losses, gradients and the EMA agree between the two to
+            float32 rounding (tests/test_train.py); not part of the config or the checkpoint.
     """
 
-    def __init__(self, config: TrainConfig, out_dir=None, data=None, device="cpu"):
+    def __init__(self, config: TrainConfig, out_dir=None, data=None, device="cpu", fused: bool | None = None):
         config.validate()
         self.config = config
         self.device = torch.device(device)
@@ -368,9 +381,10 @@ class Trainer:
             data = (d["x_train"], d["y_train"])
         self.x, self.y = data[0].to(self.device), data[1].to(self.device)
         self.diffusion = Diffusion(**config.diffusion)
+        self.fused = fused_by_default(self.device) if fused is None else bool(fused)
         with torch.random.fork_rng(devices=[]):          # the initial weights, global RNG untouched
             torch.manual_seed(config.seed)
-            self.model = build_unet(config.unet, backend="torch").to(self.device).train()
+            self.model = build_unet(config.unet, backend="auto" if self.fused else "torch").to(self.device).train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         # every random draw of training (batches, timesteps, noise, label dropout, dropout seeds)
@@ -479,10 +493,11 @@ class Trainer:
         return Path(path)
 
     @classmethod
-    def resume(cls, path, out_dir=None, data=None, device="cpu") -> "Trainer":
+    def resume(cls, path, out_dir=None, data=None, device="cpu", fused: bool | None = None) -> "Trainer":
         """A trainer continuing the checkpoint at `path` exactly where it stopped."""
         state = torch.load(path, map_location=device, weights_only=False)
-        trainer = cls(TrainConfig.from_dict(state["config"]), out_dir=out_dir, data=data, device=device)
+        trainer = cls(TrainConfig.from_dict(state["config"]), out_dir=out_dir, data=data, device=device,
+                      fused=fused)
         trainer.load_state_dict(state)
         return trainer
 
@@ -596,14 +611,14 @@ def guided_diffusion_flags(unet: dict, diffusion: dict) -> str:
 
 def train(config: TrainConfig | None = None, out_dir=None, steps: int | None = None,
           minutes: float | None = None, resume: bool = True, progress: bool = True,
-          device="cpu") -> Trainer:
+          device="cpu", fused: bool | None = None) -> Trainer:
     """Run (or, when out_dir holds a checkpoint and resume is True, continue) a training run;
     returns the Trainer (its `ema` holds the weights to ship)."""
     ckpt = None if out_dir is None else Path(out_dir) / CHECKPOINT_NAME
     if resume and ckpt is not None and ckpt.exists():
-        trainer = Trainer.resume(ckpt, out_dir=out_dir, device=device)
+        trainer = Trainer.resume(ckpt, out_dir=out_dir, device=device, fused=fused)
     else:
-        trainer = Trainer(config or TrainConfig(), out_dir=out_dir, device=device)
+        trainer = Trainer(config or TrainConfig(), out_dir=out_dir, device=device, fused=fused)
     trainer.fit(steps=steps, minutes=minutes, progress=progress)
     return trainer
 
@@ -625,6 +640,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="forward and backward on the fused ops (default: on where every op has a fused "
+                        "kernel for --device); --no-fused: the pure-PyTorch reference ops")
     d = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("unet", "diffusion"):
@@ -648,7 +666,7 @@ def main(argv=None) -> int:
                          if f.name not in ("unet", "diffusion")})
     cfg.unet.update(model_channels=args.model_channels, num_res_blocks=args.num_res_blocks, dropout=args.dropout)
     trainer = train(cfg, args.out, steps=args.steps, minutes=args.minutes, resume=not args.no_resume,
-                    progress=not args.quiet, device=args.device)
+                    progress=not args.quiet, device=args.device, fused=args.fused)
     print(json.dumps(dict(step=trainer.step, elapsed_s=round(trainer.elapsed, 1))))
     if args.export:
         for path in trainer.export(args.export, args.name):

@@ -6,9 +6,8 @@ output. What differs is how it runs:
 
 * every GroupNorm (+ AdaGN scale/shift, + SiLU) is one `ddpm_fast.ops.group_norm_scale_shift` call
   and every attention one `ddpm_fast.ops.attention` call, on the backend chosen by `model.backend`
-  ("auto", "torch", "cpu", "cuda", "triton"); while autograd records through a call (training,
-  gradients with respect to x) that call runs the differentiable reference, the kernels being
-  forward-only;
+  ("auto", "torch", "cpu", "cuda", "triton"), under autograd too (training, gradients with respect
+  to x): each op has its fused backward on every backend;
 * with any backend but "torch" the fast paths below are on (`model.fast`), while `backend="torch"`
   is the plain reference model (the baseline of the benchmarks):
     - the timestep projections of all ResBlocks are one matmul (their weights concatenated once and
@@ -122,18 +121,10 @@ class _UsesOps:
             return self._fast_conv(name).up2(conv, x)
         return conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
-    def _op_backend(self, *tensors) -> str:
-        """The backend of an op call: the fused kernels are forward-only, so while autograd records
-        through the call the differentiable pure-PyTorch reference runs instead."""
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            return "torch"
-        return self.backend
-
     def _norm(self, norm: nn.GroupNorm, x: torch.Tensor, *, silu: bool,
               scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
-        backend = self._op_backend(x, norm.weight, norm.bias, scale, shift)
         return ops.group_norm_scale_shift(x, norm.num_groups, norm.weight, norm.bias, scale=scale,
-                                          shift=shift, eps=norm.eps, silu=silu, backend=backend)
+                                          shift=shift, eps=norm.eps, silu=silu, backend=self.backend)
 
 
 class _OpsModule(_UsesOps, nn.Module):
@@ -251,10 +242,20 @@ class ResBlock(_OpsModule):
             h = self._norm(self.out_layers[0], h, silu=True, scale=scale, shift=shift)
         else:
             h = self._norm(self.out_layers[0], h + emb_out.to(h.dtype)[:, :, None, None], silu=True)
-        h = self.out_layers[2](h)  # dropout: identity in eval mode
+        h = self._dropout(h)
         skip = x if isinstance(self.skip_connection, nn.Identity) else self._conv(
             "skip_connection", self.skip_connection, x)
         return self._conv("out_layers.3", self.out_layers[3], h, add=skip)
+
+
+    def _dropout(self, h: torch.Tensor) -> torch.Tensor:
+        """out_layers' dropout (identity in eval mode). Its mask is drawn in NCHW order whatever
+        h's layout, so a channels_last fast path trains with the reference model's masks."""
+        drop = self.out_layers[2]
+        if not (drop.training and drop.p > 0) or h.is_contiguous():
+            return drop(h)
+        out = drop(h.contiguous())
+        return out.contiguous(memory_format=torch.channels_last) if is_channels_last(h) else out
 
 
 class AttentionBlock(_OpsModule):
@@ -291,14 +292,14 @@ class AttentionBlock(_OpsModule):
         h = x if self.norm is None else self._norm(self.norm, x, silu=False)
         if not (self.fast and is_channels_last(x)):
             qkv = F.conv1d(h.reshape(b, c, -1), self.qkv.weight, self.qkv.bias)
-            a = ops.attention(qkv, self.num_heads, layout=self.layout, backend=self._op_backend(qkv))
+            a = ops.attention(qkv, self.num_heads, layout=self.layout, backend=self.backend)
             return x + F.conv1d(a, self.proj_out.weight, self.proj_out.bias).reshape(x.shape)
         # channels_last: the activations are (B, T, C) in memory; the 1x1 convs are matmuls over
         # the B*T tokens, with no transposing copies of x and the residual add done in place.
         tokens = x.shape[2] * x.shape[3]
         qkv = self._linear("qkv", self.qkv.weight, self.qkv.bias, h.permute(0, 2, 3, 1).reshape(b * tokens, c))
         qkv = qkv.view(b, tokens, 3 * c).transpose(1, 2)  # (B, 3C, T), channel stride 1
-        a = ops.attention(qkv, self.num_heads, layout=self.layout, backend=self._op_backend(qkv))
+        a = ops.attention(qkv, self.num_heads, layout=self.layout, backend=self.backend)
         out = self._linear("proj_out", self.proj_out.weight, self.proj_out.bias,
                            a.transpose(1, 2).reshape(b * tokens, c), add=x.permute(0, 2, 3, 1).reshape(b * tokens, c))
         return out.view(b, x.shape[2], x.shape[3], c).permute(0, 3, 1, 2)
@@ -331,7 +332,183 @@ class TimestepSequential(_UsesOps, nn.Sequential):
 # The model
 # --------------------------------------------------------------------------------------------
 
-class UNet(nn.Module):
+class _TimestepModel(nn.Module):
+    """What the U-Net and the classifier (ddpm_fast.classifier.EncoderUNet) share: the backend and
+    fast-path switches of their op-using blocks, the precision of the torso, the timestep embedding
+    and its projections, and the encoder half (input_blocks, middle_block) built from
+    guided-diffusion's arguments. Subclasses set `_torso_names` (the parts convert_to_fp16 converts)."""
+
+    _torso_names: tuple[str, ...] = ()
+
+    def _build_encoder(self, in_channels: int, model_channels: int, channel_mult: tuple, num_res_blocks: int,
+                       attention_resolutions: tuple, res, attn, *, num_heads: int, resblock_updown: bool,
+                       conv_resample: bool, downsample_padding: int = 1, middle_attention: bool = True,
+                       middle_attention_norm: bool = True) -> tuple[list[int], int, int]:
+        """Sets self.input_blocks and self.middle_block; `res(c_in, c_out, **kw)` and
+        `attn(c, heads, norm=True)` make the ResBlocks and AttentionBlocks. Returns the channels of
+        every input block's output (the U-Net's skips), the channels and the downsampling rate at
+        the bottom."""
+        ch = int(channel_mult[0] * model_channels)
+        self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+        skip_chans = [ch]
+        rate = 1
+        last = len(channel_mult) - 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [res(ch, int(mult * model_channels))]
+                ch = int(mult * model_channels)
+                if rate in attention_resolutions:
+                    layers.append(attn(ch, num_heads))
+                self.input_blocks.append(TimestepSequential(*layers))
+                skip_chans.append(ch)
+            if level != last:
+                down = res(ch, ch, down=True) if resblock_updown else Downsample(
+                    ch, conv_resample, padding=downsample_padding)
+                self.input_blocks.append(TimestepSequential(down))
+                skip_chans.append(ch)
+                rate *= 2
+
+        self.middle_block = TimestepSequential(
+            res(ch, ch), *([attn(ch, num_heads, middle_attention_norm)] if middle_attention else []), res(ch, ch))
+        return skip_chans, ch, rate
+
+    def _finish_init(self, backend: str, fast: bool | None, use_fp16: bool) -> None:
+        self._resblocks = [m for m in self.modules() if isinstance(m, ResBlock)]
+        self._fused_emb_key = None
+        self._fused_emb = None
+        self._head = _OpsModule()  # runs the head's norm and conv
+        self.backend = backend
+        self.fast = (backend != "torch") if fast is None else bool(fast)
+        if use_fp16:
+            self.convert_to_fp16()
+
+    # ---- backend and fast-path switches --------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        """Op backend of every block: "auto", "torch", "cpu", "cuda" or "triton"."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in ("auto", *BACKENDS):
+            raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {value!r}")
+        self._backend = value
+        for m in self._ops_modules():
+            m.backend = value
+
+    @property
+    def fast(self) -> bool:
+        """Fast paths on: fused timestep projections, prepacked CPU convs, fused residual adds."""
+        return self._fast
+
+    @fast.setter
+    def fast(self, value: bool) -> None:
+        self._fast = bool(value)
+        for m in self._ops_modules():
+            m.fast = self._fast
+
+    def _ops_modules(self):
+        return [m for m in self.modules() if isinstance(m, _UsesOps)]  # includes _head
+
+    # ---- precision ------------------------------------------------------------------------
+
+    def _convert_torso(self, dtype: torch.dtype):
+        for name in self._torso_names:
+            for m in getattr(self, name).modules():
+                if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+                    m.weight.data = m.weight.data.to(dtype)
+                    if m.bias is not None:
+                        m.bias.data = m.bias.data.to(dtype)
+        return self
+
+    def convert_to_fp16(self) :
+        """Torso convolutions to float16 (guided-diffusion's convert_to_fp16); the rest stays fp32.
+        Returns the model."""
+        return self._convert_torso(torch.float16)
+
+    def convert_to_bf16(self) :
+        """Torso convolutions to bfloat16; norms, embeddings and the head stay float32."""
+        return self._convert_torso(torch.bfloat16)
+
+    def convert_to_fp32(self) :
+        """Undo convert_to_fp16 / convert_to_bf16."""
+        return self._convert_torso(torch.float32)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the torso runs in (that of its convolutions)."""
+        return self.input_blocks[0][0].weight.dtype
+
+    def derived_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The derived weight copies the fast path holds now (fused timestep projection, merged
+        upsampling weights, packed CPU weights), each rebuilt when its source parameters change.
+        A captured graph reads these besides the parameters and buffers: ddpm_fast.graphs keeps
+        them alive with the graph and recaptures when they are replaced."""
+        out = [] if self._fused_emb is None else list(self._fused_emb)
+        for m in self._ops_modules():
+            for runner in (*m.__dict__.get("_fast_convs", {}).values(),
+                           *m.__dict__.get("_fast_linears", {}).values()):
+                out.extend(runner.derived())
+        return tuple(out)
+
+    # ---- forward --------------------------------------------------------------------------
+
+    def _project_embeddings(self, emb: torch.Tensor) -> dict:
+        """emb_layers(emb) of every ResBlock: one matmul over the concatenated weights when fast."""
+        linears = [blk.emb_layers[1] for blk in self._resblocks]
+        act = F.silu(emb)
+        if not (self.fast and linears and len({(l.weight.dtype, l.weight.device) for l in linears}) == 1):
+            return {blk: blk.emb_layers[1](act) for blk in self._resblocks}
+        params = [p for l in linears for p in (l.weight, l.bias)]
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if grad or torch.compiler.is_compiling():  # no cache across autograd or inside a compiled graph
+            weight = torch.cat([l.weight for l in linears])
+            bias = torch.cat([l.bias for l in linears])
+        else:
+            key = tuple(version_key(p) for p in params)
+            if key != self._fused_emb_key:
+                # a normal tensor even under inference_mode, so that later autograd use is allowed
+                with torch.inference_mode(False), torch.no_grad():
+                    self._fused_emb = (torch.cat([l.weight for l in linears]),
+                                       torch.cat([l.bias for l in linears]))
+                self._fused_emb_key = key
+            weight, bias = self._fused_emb
+        out = self._head._linear("emb_layers", weight, bias, act.to(weight.dtype))
+        return dict(zip(self._resblocks, out.split([l.out_features for l in linears], dim=1)))
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must be a (N, {self.in_channels}, H, W) tensor; got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating tensor (images in [-1, 1]); got dtype {x.dtype}")
+        levels = len(self.channel_mult) - 1
+        if x.shape[2] % (1 << levels) or x.shape[3] % (1 << levels):
+            raise ValueError(f"x's height and width {tuple(x.shape[2:])} must be divisible by "
+                             f"{1 << levels} (2 ** (len(channel_mult) - 1))")
+
+    def _time_embedding(self, x: torch.Tensor, timesteps) -> torch.Tensor:
+        """time_embed(timestep_embedding(timesteps)): (N, 4 * model_channels); timesteps (N,) or a scalar."""
+        n = x.shape[0]
+        timesteps = torch.as_tensor(timesteps, device=x.device)
+        if timesteps.dim() == 0:
+            timesteps = timesteps.expand(n)
+        if timesteps.shape != (n,):
+            raise ValueError(f"timesteps must have shape ({n},) (one per sample); got {tuple(timesteps.shape)}")
+        temb = timestep_embedding(timesteps, self.model_channels, flip_sin_to_cos=self.flip_sin_to_cos,
+                                  freq_shift=self.freq_shift)
+        return self.time_embed(temb.to(self.time_embed[0].weight.dtype))
+
+    def _torso_input(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """x in the torso's dtype; on the CPU the fast path runs channels_last (prepacked oneDNN
+        convs) whatever x's layout: returns (h, whether x was relaid out)."""
+        relayout = self.fast and x.device.type == "cpu" and not is_channels_last(x)
+        h = x.to(dtype=self.dtype, memory_format=torch.channels_last if relayout else torch.preserve_format)
+        return h, relayout
+
+
+class UNet(_TimestepModel):
     """guided-diffusion's UNetModel on ddpm_fast's ops (same arguments, weights and output).
 
     Args (guided-diffusion's names and meaning):
@@ -369,6 +546,8 @@ class UNet(nn.Module):
     forward(x (N, in_channels, H, W), timesteps (N,) int or float, y (N,) int64 labels if
     class-conditional) -> (N, out_channels, H, W) in x's dtype.
     """
+
+    _torso_names = ("input_blocks", "middle_block", "output_blocks")
 
     def __init__(self, image_size: int, in_channels: int, model_channels: int, out_channels: int,
                  num_res_blocks: int, attention_resolutions: Iterable[int], dropout: float = 0.0,
@@ -442,28 +621,12 @@ class UNet(nn.Module):
                                   use_new_attention_order=use_new_attention_order,
                                   norm_groups=norm_groups if norm else None, norm_eps=norm_eps)
 
-        ch = first_ch = int(channel_mult[0] * model_channels)
-        self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
-        skip_chans = [ch]
-        rate = 1
-        last = len(channel_mult) - 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers = [res(ch, int(mult * model_channels))]
-                ch = int(mult * model_channels)
-                if rate in attention_resolutions:
-                    layers.append(attn(ch, num_heads))
-                self.input_blocks.append(TimestepSequential(*layers))
-                skip_chans.append(ch)
-            if level != last:
-                down = res(ch, ch, down=True) if resblock_updown else Downsample(
-                    ch, conv_resample, padding=downsample_padding)
-                self.input_blocks.append(TimestepSequential(down))
-                skip_chans.append(ch)
-                rate *= 2
-
-        self.middle_block = TimestepSequential(
-            res(ch, ch), *([attn(ch, num_heads, middle_attention_norm)] if middle_attention else []), res(ch, ch))
+        first_ch = int(channel_mult[0] * model_channels)
+        skip_chans, ch, rate = self._build_encoder(
+            in_channels, model_channels, channel_mult, num_res_blocks, attention_resolutions, res, attn,
+            num_heads=num_heads, resblock_updown=resblock_updown, conv_resample=conv_resample,
+            downsample_padding=downsample_padding, middle_attention=middle_attention,
+            middle_attention_norm=middle_attention_norm)
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -480,134 +643,17 @@ class UNet(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(norm_groups, ch, eps=norm_eps), nn.SiLU(),
                                  _zeroed(nn.Conv2d(first_ch, out_channels, 3, padding=1)))
 
-        self._resblocks = [m for m in self.modules() if isinstance(m, ResBlock)]
-        self._fused_emb_key = None
-        self._fused_emb = None
-        self._head = _OpsModule()  # runs the `out` head's norm and conv
-        self.backend = backend
-        self.fast = (backend != "torch") if fast is None else bool(fast)
-        if use_fp16:
-            self.convert_to_fp16()
-
-    # ---- backend and fast-path switches --------------------------------------------------
-
-    @property
-    def backend(self) -> str:
-        """Op backend of every block: "auto", "torch", "cpu", "cuda" or "triton"."""
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        if value not in ("auto", *BACKENDS):
-            raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {value!r}")
-        self._backend = value
-        for m in self._ops_modules():
-            m.backend = value
-
-    @property
-    def fast(self) -> bool:
-        """Fast paths on: fused timestep projections, prepacked CPU convs, fused residual adds."""
-        return self._fast
-
-    @fast.setter
-    def fast(self, value: bool) -> None:
-        self._fast = bool(value)
-        for m in self._ops_modules():
-            m.fast = self._fast
-
-    def _ops_modules(self):
-        return [m for m in self.modules() if isinstance(m, _UsesOps)]  # includes _head
-
-    # ---- precision ------------------------------------------------------------------------
-
-    def _convert_torso(self, dtype: torch.dtype) -> "UNet":
-        for part in (self.input_blocks, self.middle_block, self.output_blocks):
-            for m in part.modules():
-                if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-                    m.weight.data = m.weight.data.to(dtype)
-                    if m.bias is not None:
-                        m.bias.data = m.bias.data.to(dtype)
-        return self
-
-    def convert_to_fp16(self) -> "UNet":
-        """Torso convolutions to float16 (guided-diffusion's convert_to_fp16); the rest stays fp32."""
-        return self._convert_torso(torch.float16)
-
-    def convert_to_bf16(self) -> "UNet":
-        """Torso convolutions to bfloat16; norms, embeddings and the head stay float32."""
-        return self._convert_torso(torch.bfloat16)
-
-    def convert_to_fp32(self) -> "UNet":
-        """Undo convert_to_fp16 / convert_to_bf16."""
-        return self._convert_torso(torch.float32)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype the torso runs in (that of its convolutions)."""
-        return self.input_blocks[0][0].weight.dtype
-
-    def derived_tensors(self) -> tuple[torch.Tensor, ...]:
-        """The derived weight copies the fast path holds now (fused timestep projection, merged
-        upsampling weights, packed CPU weights), each rebuilt when its source parameters change.
-        A captured graph reads these besides the parameters and buffers: ddpm_fast.graphs keeps
-        them alive with the graph and recaptures when they are replaced."""
-        out = [] if self._fused_emb is None else list(self._fused_emb)
-        for m in self._ops_modules():
-            for runner in (*m.__dict__.get("_fast_convs", {}).values(),
-                           *m.__dict__.get("_fast_linears", {}).values()):
-                out.extend(runner.derived())
-        return tuple(out)
-
-    # ---- forward --------------------------------------------------------------------------
-
-    def _project_embeddings(self, emb: torch.Tensor) -> dict:
-        """emb_layers(emb) of every ResBlock: one matmul over the concatenated weights when fast."""
-        linears = [blk.emb_layers[1] for blk in self._resblocks]
-        act = F.silu(emb)
-        if not (self.fast and linears and len({(l.weight.dtype, l.weight.device) for l in linears}) == 1):
-            return {blk: blk.emb_layers[1](act) for blk in self._resblocks}
-        params = [p for l in linears for p in (l.weight, l.bias)]
-        grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        if grad or torch.compiler.is_compiling():  # no cache across autograd or inside a compiled graph
-            weight = torch.cat([l.weight for l in linears])
-            bias = torch.cat([l.bias for l in linears])
-        else:
-            key = tuple(version_key(p) for p in params)
-            if key != self._fused_emb_key:
-                # a normal tensor even under inference_mode, so that later autograd use is allowed
-                with torch.inference_mode(False), torch.no_grad():
-                    self._fused_emb = (torch.cat([l.weight for l in linears]),
-                                       torch.cat([l.bias for l in linears]))
-                self._fused_emb_key = key
-            weight, bias = self._fused_emb
-        out = self._head._linear("emb_layers", weight, bias, act.to(weight.dtype))
-        return dict(zip(self._resblocks, out.split([l.out_features for l in linears], dim=1)))
+        self._finish_init(backend, fast, use_fp16)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x (N, in_channels, H, W); timesteps (N,) (or a scalar, broadcast); y (N,) class labels
         iff the model is class-conditional. Returns (N, out_channels, H, W) in x's dtype."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must be a (N, {self.in_channels}, H, W) tensor; got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if not x.is_floating_point():
-            raise ValueError(f"x must be a floating tensor (images in [-1, 1]); got dtype {x.dtype}")
+        self._check_input(x)
         n = x.shape[0]
-        levels = len(self.channel_mult) - 1
-        if x.shape[2] % (1 << levels) or x.shape[3] % (1 << levels):
-            raise ValueError(f"x's height and width {tuple(x.shape[2:])} must be divisible by "
-                             f"{1 << levels} (2 ** (len(channel_mult) - 1))")
         if (y is None) != (self.num_classes is None):
             raise ValueError("y (class labels) must be given if and only if the model is class-conditional "
                              f"(num_classes={self.num_classes})")
-        timesteps = torch.as_tensor(timesteps, device=x.device)
-        if timesteps.dim() == 0:
-            timesteps = timesteps.expand(n)
-        if timesteps.shape != (n,):
-            raise ValueError(f"timesteps must have shape ({n},) (one per sample); got {tuple(timesteps.shape)}")
-
-        temb = timestep_embedding(timesteps, self.model_channels, flip_sin_to_cos=self.flip_sin_to_cos,
-                                  freq_shift=self.freq_shift)
-        emb = self.time_embed(temb.to(self.time_embed[0].weight.dtype))
+        emb = self._time_embedding(x, timesteps)
         if self.num_classes is not None:
             if not isinstance(y, torch.Tensor) or y.shape != (n,):
                 raise ValueError(f"y must have shape ({n},) (one label per sample); got "
@@ -629,10 +675,7 @@ class UNet(nn.Module):
             emb = emb + self.label_emb(y)
         emb_outs = self._project_embeddings(emb)
 
-        # On the CPU the fast path runs channels_last (prepacked oneDNN convs) whatever x's layout;
-        # the result comes back in x's layout.
-        relayout = self.fast and x.device.type == "cpu" and not is_channels_last(x)
-        h = x.to(dtype=self.dtype, memory_format=torch.channels_last if relayout else torch.preserve_format)
+        h, relayout = self._torso_input(x)
         skips = []
         for block in self.input_blocks:
             h = block(h, emb_outs)

@@ -184,8 +184,7 @@ def output_file(name: str, path, suffixes: Iterable[str]) -> Path:
 
 def records_grad(*tensors) -> bool:
     """True when autograd records through a call on these tensors (grad mode on and one of them
-    requires grad): the fused kernels are forward-only, so such a call must take the
-    differentiable reference path."""
+    requires grad): the ops then call their variants that save what the fused backward needs."""
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 

@@ -23,7 +23,9 @@ noisy, so ranks may then pick different tiles. Under TRITON_INTERPRET=1 (CPU ten
 one fixed small configuration, INTERPRET_CONFIG, runs.
 
 Registered as the torch.library custom op ``ddpm_fast::attention_triton`` with a fake
-implementation, so torch.compile and CUDA-graph capture can trace through it.
+implementation, so torch.compile and CUDA-graph capture can trace through it. Under autograd
+``ddpm_fast::attention_lse_triton`` (the _attention_fwd_lse kernel: the same forward, also storing
+each query's logsumexp) runs instead; the backward is in kernels/attention_backward.py.
 """
 from __future__ import annotations
 
@@ -35,9 +37,12 @@ import triton
 import triton.language as tl
 
 from .._registry import triton_interpret
+from ..ops.attention import fake_lse, fake_out
+from ..validate import records_grad
 from ._launch import check_grid, check_sample_numel, device_guard
 
 LOG2E = 1.4426950408889634
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 def qkv_channels(channels: int, head_dim: int, legacy: bool) -> tuple[int, int, int, int]:
@@ -49,10 +54,13 @@ def qkv_channels(channels: int, head_dim: int, legacy: bool) -> tuple[int, int, 
 
 
 @triton.jit
-def _attention_fwd(qkv, out, T, HEADS, HEAD_DIM, stride_b, stride_c, stride_t,
-                   q_chan, k_chan, v_chan, head_chan, channels, scale_log2,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _attention_fwd_rows(qkv, T, HEADS, HEAD_DIM, stride_b, stride_c, stride_t,
+                        q_chan, k_chan, v_chan, head_chan, scale_log2,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The flash forward of this program's BLOCK_M queries: (acc, m_i, l_i, b, h, offs_m, offs_d)
+    with acc (BLOCK_M, BLOCK_D) the unnormalised output, m_i / l_i the rows' running max and
+    sum (log2 domain), b (int64) and h the program's sample and head."""
     # program pid_m + (b * HEADS + h) * n_m on one grid axis: B x heads may pass axis 1's limit
     n_m = tl.cdiv(T, BLOCK_M)
     pid = tl.program_id(0)
@@ -98,11 +106,42 @@ def _attention_fwd(qkv, out, T, HEADS, HEAD_DIM, stride_b, stride_c, stride_t,
         p = p.to(v.dtype).to(DOT_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(p, v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         m_i = m_new
+    return acc, m_i, l_i, b, h, offs_m, offs_d
 
+
+@triton.jit
+def _store_out(out, acc, l_i, b, h, offs_m, offs_d, T, HEAD_DIM, channels):
+    """out[b, h * HEAD_DIM + d, t] = acc / l for this program's queries t = offs_m."""
     acc = acc / l_i[:, None]
     o_base = out + (b * channels + h * HEAD_DIM) * T
     tl.store(o_base + offs_d[None, :] * T + offs_m[:, None], acc.to(out.dtype.element_ty),
-             mask=m_ok[:, None] & d_ok[None, :])
+             mask=(offs_m < T)[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _attention_fwd(qkv, out, T, HEADS, HEAD_DIM, stride_b, stride_c, stride_t,
+                   q_chan, k_chan, v_chan, head_chan, channels, scale_log2,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    acc, m_i, l_i, b, h, offs_m, offs_d = _attention_fwd_rows(
+        qkv, T, HEADS, HEAD_DIM, stride_b, stride_c, stride_t, q_chan, k_chan, v_chan, head_chan,
+        scale_log2, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION)
+    _store_out(out, acc, l_i, b, h, offs_m, offs_d, T, HEAD_DIM, channels)
+
+
+@triton.jit
+def _attention_fwd_lse(qkv, out, lse, T, HEADS, HEAD_DIM, stride_b, stride_c, stride_t,
+                       q_chan, k_chan, v_chan, head_chan, channels, scale_log2,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """_attention_fwd, also storing lse[b, h, t] = ln(2) * (m + log2(l)) (B, heads, T) fp32: the
+    natural-log logsumexp of the row's logits q_t . k / sqrt(ch), for the backward."""
+    acc, m_i, l_i, b, h, offs_m, offs_d = _attention_fwd_rows(
+        qkv, T, HEADS, HEAD_DIM, stride_b, stride_c, stride_t, q_chan, k_chan, v_chan, head_chan,
+        scale_log2, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, DOT_PRECISION)
+    _store_out(out, acc, l_i, b, h, offs_m, offs_d, T, HEAD_DIM, channels)
+    row_lse = (m_i + tl.math.log2(l_i)) * LN2
+    tl.store(lse + (b * HEADS + h) * T + offs_m, row_lse, mask=offs_m < T)
 
 
 MAX_HEAD_DIM = 256  # the largest head dim the tile table covers (BLOCK_D 256)
@@ -218,9 +257,10 @@ def _prune_configs(configs, named_args, **kwargs):
 
 # Only with DDPM_FAST_AUTOTUNE=1. cache_results: the timings are stored in Triton's cache directory
 # (TRITON_CACHE_DIR, default ~/.triton/cache) and reused by later processes.
-_attention_fwd_tuned = triton.autotune(
-    configs=_candidate_configs(), key=["T", "HEAD_DIM"], cache_results=True,
-    prune_configs_by={"early_config_prune": _prune_configs})(_attention_fwd)
+_attention_fwd_tuned, _attention_fwd_lse_tuned = (
+    triton.autotune(configs=_candidate_configs(), key=["T", "HEAD_DIM"], cache_results=True,
+                    prune_configs_by={"early_config_prune": _prune_configs})(kernel)
+    for kernel in (_attention_fwd, _attention_fwd_lse))
 
 # The one configuration used under TRITON_INTERPRET=1: small tiles, so T = 64 spans several key
 # tiles and the online softmax is exercised.
@@ -239,19 +279,28 @@ def dot_constexprs(dtype: torch.dtype, head_dim: int, interpret: bool) -> dict:
             "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
 
 
-def _launch(qkv: torch.Tensor, num_heads: int, legacy: bool) -> torch.Tensor:
+def launch_dims(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, int]:
+    """(B, C, head dim, T) of a launch on qkv (B, 3C, T), after the head-dim and 32-bit offset checks."""
     b, width, t = qkv.shape
-    channels = width // 3
-    head_dim = channels // num_heads
-    check_head_dim(head_dim)
+    check_head_dim(width // 3 // num_heads)
     check_sample_numel("qkv", width * t)
+    return b, width // 3, width // 3 // num_heads, t
+
+
+def _launch(qkv: torch.Tensor, num_heads: int, legacy: bool, with_lse: bool):
+    """out (B, C, T); with_lse: (out, lse) with lse (B, heads, T) fp32 (the _attention_fwd_lse kernel)."""
+    b, channels, head_dim, t = launch_dims(qkv, num_heads)
     with device_guard(qkv):
         out = torch.empty((b, channels, t), device=qkv.device, dtype=qkv.dtype)
+        lse = torch.empty((b, num_heads, t), device=qkv.device, dtype=torch.float32)
+        result = (out, lse) if with_lse else out
         if out.numel() == 0:
-            return out
+            return result
         q_chan, k_chan, v_chan, head_chan = qkv_channels(channels, head_dim, legacy)
-        args = (qkv, out, t, num_heads, head_dim, *qkv.stride(), q_chan, k_chan, v_chan, head_chan,
-                channels, LOG2E / math.sqrt(head_dim))
+        args = (qkv, out, *((lse,) if with_lse else ()), t, num_heads, head_dim, *qkv.stride(),
+                q_chan, k_chan, v_chan, head_chan, channels, LOG2E / math.sqrt(head_dim))
+        kernel, tuned = (_attention_fwd_lse, _attention_fwd_lse_tuned) if with_lse else (
+            _attention_fwd, _attention_fwd_tuned)
         interpret = triton_interpret() or qkv.device.type != "cuda"
         common = dot_constexprs(qkv.dtype, head_dim, interpret)
         if interpret:
@@ -259,27 +308,40 @@ def _launch(qkv: torch.Tensor, num_heads: int, legacy: bool) -> torch.Tensor:
         elif autotune_requested():
             def grid(meta):
                 return check_grid("qkv", (triton.cdiv(t, meta["BLOCK_M"]) * b * num_heads,))
-            _attention_fwd_tuned[grid](*args, **common)
-            return out
+            tuned[grid](*args, **common)
+            return result
         else:
             major, minor = torch.cuda.get_device_capability(qkv.device)
             tile = tile_config(10 * major + minor, t, head_dim, qkv.dtype)
         grid = check_grid("qkv", (triton.cdiv(t, tile["BLOCK_M"]) * b * num_heads,))
-        _attention_fwd[grid](*args, **tile, **common)
-    return out
+        kernel[grid](*args, **tile, **common)
+    return result
 
 
 @torch.library.custom_op("ddpm_fast::attention_triton", mutates_args=())
 def attention_op(qkv: torch.Tensor, num_heads: int, legacy: bool) -> torch.Tensor:
     """The Triton kernel as a torch.library op; see `attention`."""
-    return _launch(qkv, num_heads, legacy)
+    return _launch(qkv, num_heads, legacy, with_lse=False)
+
+
+@torch.library.custom_op("ddpm_fast::attention_lse_triton", mutates_args=())
+def attention_lse_op(qkv: torch.Tensor, num_heads: int, legacy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward under autograd: (out, lse), lse (B, heads, T) fp32 the per-query logsumexp of
+    the logits q_t . k / sqrt(ch) (natural log), saved for the backward
+    (kernels/attention_backward.py)."""
+    return _launch(qkv, num_heads, legacy, with_lse=True)
 
 
 @attention_op.register_fake
 def _attention_fake(qkv, num_heads, legacy):
-    b, width, t = qkv.shape
-    check_head_dim(width // 3 // num_heads)
-    return qkv.new_empty((b, width // 3, t))
+    check_head_dim(qkv.shape[1] // 3 // num_heads)
+    return fake_out(qkv)
+
+
+@attention_lse_op.register_fake
+def _attention_lse_fake(qkv, num_heads, legacy):
+    check_head_dim(qkv.shape[1] // 3 // num_heads)
+    return fake_out(qkv), fake_lse(qkv, num_heads)
 
 
 def attention(qkv: torch.Tensor, num_heads: int, legacy: bool) -> torch.Tensor:
@@ -288,5 +350,14 @@ def attention(qkv: torch.Tensor, num_heads: int, legacy: bool) -> torch.Tensor:
     qkv (B, 3*C, T) float32/float16/bfloat16, any strides; num_heads divides C; legacy selects
     QKVAttentionLegacy's per-head [q, k, v] layout, else QKVAttention's [q | k | v].
     Returns (B, C, T) in qkv's dtype. Arguments are checked by ddpm_fast.ops.attention.
+    Differentiable: when autograd records, the forward that keeps lse runs and the backward is
+    the Triton flash-attention backward of kernels/attention_backward.py.
     """
+    if records_grad(qkv):
+        return attention_lse_op(qkv, num_heads, legacy)[0]
     return attention_op(qkv, num_heads, legacy)
+
+
+# The backward kernels and op, and the autograd registration of both forward ops (at the end: that
+# module imports this one's helpers).
+from . import attention_backward  # noqa: E402,F401

@@ -198,17 +198,17 @@ def _step_values(x, pred, var_out, grad, row, METHOD: tl.constexpr, PREDICTION: 
 
 
 @triton.jit
-def _load_step(x_ptr, mo_ptr, noise_ptr, grad_ptr, coef_ptr, seed_ptr, step_ptr, b, idx, mask, numel,
-               mo_stride, METHOD: tl.constexpr, PREDICTION: tl.constexpr, VARIANCE_CODE: tl.constexpr,
-               CLIP_DENOISED: tl.constexpr, NOISE_MODE: tl.constexpr, EPS_FROM_X0: tl.constexpr,
-               HAS_GRAD: tl.constexpr, NOISE_SRC: tl.constexpr, TILE_NOISE: tl.constexpr, q, lane):
-    """Loads elements idx of sample b and returns (x_new, x_det, x0) in float32 (before projection
-    and clip). TILE_NOISE: idx is the (BLOCK_Q, 4) tile 4 q + lane."""
+def _load_inputs(x_ptr, mo_ptr, noise_ptr, grad_ptr, seed_ptr, step_ptr, b, idx, mask, numel, mo_stride,
+                 READ_VAR: tl.constexpr, HAS_GRAD: tl.constexpr, NOISE_SRC: tl.constexpr,
+                 TILE_NOISE: tl.constexpr, q, lane):
+    """Elements idx of sample b in float32: (x, pred, var_out, grad, z). var_out (read with
+    READ_VAR) and grad (with HAS_GRAD) are x when not read; z is 0 without noise. TILE_NOISE: idx
+    is the (BLOCK_Q, 4) tile 4 q + lane."""
     base = b.to(tl.int64) * numel
     mo_base = b.to(tl.int64) * mo_stride
     x = tl.load(x_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
     pred = tl.load(mo_ptr + mo_base + idx, mask=mask, other=0.0).to(tl.float32)
-    if METHOD == DDPM and VARIANCE_CODE >= LEARNED_RANGE:
+    if READ_VAR:
         var_out = tl.load(mo_ptr + mo_base + numel + idx, mask=mask, other=0.0).to(tl.float32)
     else:
         var_out = x  # not read
@@ -216,20 +216,54 @@ def _load_step(x_ptr, mo_ptr, noise_ptr, grad_ptr, coef_ptr, seed_ptr, step_ptr,
         grad = tl.load(grad_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
     else:
         grad = x  # not read
-    x_det, x0, scale = _step_values(x, pred, var_out, grad, coef_ptr + b * NUM_COEFS, METHOD, PREDICTION,
-                                    VARIANCE_CODE, CLIP_DENOISED, NOISE_MODE, EPS_FROM_X0, HAS_GRAD)
     if NOISE_SRC == NOISE_GIVEN:
-        x_new = x_det + scale * tl.load(noise_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(noise_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
     elif NOISE_SRC == NOISE_DRAWN:
         k0, k1, s0, s1 = _key_and_step(seed_ptr, step_ptr, b)
         if TILE_NOISE:
             z = _normals_tile(q, lane, k0, k1, s0, s1)
         else:
             z = _normals_at(idx, k0, k1, s0, s1)
-        x_new = x_det + scale * z
     else:
+        z = tl.zeros_like(x)
+    return x, pred, var_out, grad, z
+
+
+@triton.jit
+def _load_step(x_ptr, mo_ptr, noise_ptr, grad_ptr, coef_ptr, seed_ptr, step_ptr, b, idx, mask, numel,
+               mo_stride, METHOD: tl.constexpr, PREDICTION: tl.constexpr, VARIANCE_CODE: tl.constexpr,
+               CLIP_DENOISED: tl.constexpr, NOISE_MODE: tl.constexpr, EPS_FROM_X0: tl.constexpr,
+               HAS_GRAD: tl.constexpr, NOISE_SRC: tl.constexpr, TILE_NOISE: tl.constexpr, q, lane):
+    """Loads elements idx of sample b and returns (x_new, x_det, x0) in float32 (before projection
+    and clip). TILE_NOISE: idx is the (BLOCK_Q, 4) tile 4 q + lane."""
+    x, pred, var_out, grad, z = _load_inputs(x_ptr, mo_ptr, noise_ptr, grad_ptr, seed_ptr, step_ptr, b, idx, mask,
+                                             numel, mo_stride, METHOD == DDPM and VARIANCE_CODE >= LEARNED_RANGE,
+                                             HAS_GRAD, NOISE_SRC, TILE_NOISE, q, lane)
+    x_det, x0, scale = _step_values(x, pred, var_out, grad, coef_ptr + b * NUM_COEFS, METHOD, PREDICTION,
+                                    VARIANCE_CODE, CLIP_DENOISED, NOISE_MODE, EPS_FROM_X0, HAS_GRAD)
+    if NOISE_SRC == NOISE_NONE:
         x_new = x_det
+    else:
+        x_new = x_det + scale * z
     return x_new, x_det, x0
+
+
+@triton.jit
+def _projection_factor(radius2, length2):
+    """x0 + factor (x_new - x0) lies at distance sqrt(radius2) from x0 (0 where length2 is 0)."""
+    return tl.where(length2 > 0, tl.sqrt(radius2) / tl.sqrt(tl.where(length2 > 0, length2, 1.0)), 0.0)
+
+
+@triton.jit
+def _sample_sum(partial_ptr, b, n_chunks, SLOT: tl.constexpr, SLOTS: tl.constexpr, PARTIALS: tl.constexpr):
+    """Sum of slot SLOT of sample b's n_chunks partial rows (partial_ptr: (B, n_chunks, SLOTS)
+    float32), PARTIALS at a time: a fixed order, the same on every run and in every program."""
+    j = tl.arange(0, PARTIALS)
+    acc = tl.zeros([PARTIALS], tl.float32)
+    for j0 in range(0, n_chunks, PARTIALS):
+        valid = j0 + j < n_chunks
+        acc += tl.load(partial_ptr + (b * n_chunks + j0 + j) * SLOTS + SLOT, mask=valid, other=0.0)
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
@@ -267,19 +301,9 @@ def _step_kernel(x_ptr, mo_ptr, noise_ptr, grad_ptr, coef_ptr, seed_ptr, step_pt
         tl.store(slot + 1, tl.sum(tl.sum(e * e, axis=1), axis=0))
     else:
         if MODE == APPLY:
-            # the sample's partial sums, PARTIALS at a time (a fixed order: the same on every run)
-            j = tl.arange(0, PARTIALS)
-            radius2_acc = tl.zeros([PARTIALS], tl.float32)
-            length2_acc = tl.zeros([PARTIALS], tl.float32)
-            for j0 in range(0, n_chunks, PARTIALS):
-                valid = j0 + j < n_chunks
-                rows = partial_ptr + (b * n_chunks + j0 + j) * 2
-                radius2_acc += tl.load(rows, mask=valid, other=0.0)
-                length2_acc += tl.load(rows + 1, mask=valid, other=0.0)
-            radius2 = tl.sum(radius2_acc, axis=0)
-            length2 = tl.sum(length2_acc, axis=0)
-            factor = tl.where(length2 > 0, tl.sqrt(radius2) / tl.sqrt(tl.where(length2 > 0, length2, 1.0)), 0.0)
-            x_new = x0 + factor * (x_new - x0)
+            radius2 = _sample_sum(partial_ptr, b, n_chunks, 0, 2, PARTIALS)
+            length2 = _sample_sum(partial_ptr, b, n_chunks, 1, 2, PARTIALS)
+            x_new = x0 + _projection_factor(radius2, length2) * (x_new - x0)
         base = b.to(tl.int64) * numel
         tl.store(out_ptr + base + idx, _clip(x_new, clip_lo, clip_hi, HAS_CLIP).to(out_ptr.dtype.element_ty),
                  mask=mask)
@@ -307,9 +331,7 @@ def _pixel_kernel(x_ptr, mo_ptr, noise_ptr, grad_ptr, coef_ptr, seed_ptr, step_p
                                   NOISE_MODE, EPS_FROM_X0, HAS_GRAD, NOISE_SRC, False, p, c)
     d = tl.where(mask, x_det - x0, 0.0)
     e = tl.where(mask, x_new - x0, 0.0)
-    radius2 = tl.sum(d * d, axis=0)
-    length2 = tl.sum(e * e, axis=0)
-    factor = tl.where(length2 > 0, tl.sqrt(radius2) / tl.sqrt(tl.where(length2 > 0, length2, 1.0)), 0.0)
+    factor = _projection_factor(tl.sum(d * d, axis=0), tl.sum(e * e, axis=0))
     result = x0 + factor[None, :] * (x_new - x0)
     base = b.to(tl.int64) * numel
     tl.store(out_ptr + base + idx, _clip(result, clip_lo, clip_hi, HAS_CLIP).to(out_ptr.dtype.element_ty),
@@ -385,3 +407,7 @@ def _(x, model_output, coef, noise, seed, step, guidance_grad, method, predictio
       noise_mode, project_noise, clip_lo, clip_hi, eps_from_x0, return_x0):
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     return out, (torch.empty_like(out) if return_x0 else x.new_empty((0,)))
+
+
+# the backward kernels and this op's autograd (imported last: they use this module's kernels)
+from . import diffusion_step_backward as _backward  # noqa: E402,F401

@@ -15,7 +15,9 @@ A sample's base offset n * s_n is 64-bit (batches past 2^31 elements), offsets i
 32-bit (checked: at most 2^31 - 1 elements per sample); the launches run under x's device guard.
 
 Registered as the torch.library op ddpm_fast::group_norm_scale_shift_triton (see OP_NAME below);
-`group_norm_scale_shift` is what ddpm_fast.ops calls. Runs on
+`group_norm_scale_shift` is what ddpm_fast.ops calls. With STATS the kernels also write each
+group's mean and rstd: ddpm_fast::group_norm_scale_shift_stats_triton, which ddpm_fast.ops calls
+under autograd (the backward: group_norm_scale_shift_backward.py). Runs on
 CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
@@ -25,6 +27,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from triton.runtime.jit import JITFunction
+
+from ddpm_fast.ops.group_norm_scale_shift import stats_like
 
 from ._launch import check_grid, check_sample_numel, device_guard
 
@@ -63,12 +67,13 @@ def _finish(v, a, b, SILU: tl.constexpr):
 
 
 @triton.jit
-def _fused_kernel(x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
+def _fused_kernel(x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
                   C, P, G, CG, s_n, s_c, s_p, eps,
                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                  HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+                  HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, STATS: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Program (n*G + g): the whole group (CG <= BLOCK_C channels, P <= BLOCK_P pixels) at once."""
+    """Program (n*G + g): the whole group (CG <= BLOCK_C channels, P <= BLOCK_P pixels) at once.
+    STATS: also writes the group's mean and rstd to mean_ptr[n*G + g], rstd_ptr[n*G + g]."""
     ng = tl.program_id(0)
     n = ng // G
     g = ng % G
@@ -85,6 +90,9 @@ def _fused_kernel(x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
     d = tl.where(mask, v - mean, 0.0)
     var = tl.sum(tl.sum(d * d, axis=1), axis=0) / count
     rstd = 1.0 / tl.sqrt(var + eps)
+    if STATS:
+        tl.store(mean_ptr + ng, mean)
+        tl.store(rstd_ptr + ng, rstd)
     a, b = _coefficients(mean, rstd, w_ptr, b_ptr, scale_ptr, shift_ptr, n, cc, cmask, C,
                          HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT)
     y = _finish(v, a, b, SILU)
@@ -124,13 +132,14 @@ def _moments_kernel(x_ptr, partial_ptr, P, G, CG, s_n, s_c, s_p, SPLIT_P,
 
 
 @triton.jit
-def _apply_kernel(x_ptr, y_ptr, partial_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
+def _apply_kernel(x_ptr, y_ptr, partial_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
                   C, P, G, CG, s_n, s_c, s_p, SPLITS, eps,
                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                  HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+                  HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, STATS: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr):
     """Program (n*G + g, pixel block): group statistics from the partial sums, then the fused
-    normalise + affine + scale-shift (+ SiLU) of the group's channels on BLOCK_P pixels."""
+    normalise + affine + scale-shift (+ SiLU) of the group's channels on BLOCK_P pixels.
+    STATS: pixel block 0 also writes the group's mean and rstd (as _fused_kernel)."""
     ng = tl.program_id(0)
     pb = tl.program_id(1)
     n = ng // G
@@ -149,6 +158,10 @@ def _apply_kernel(x_ptr, y_ptr, partial_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
     sample = n.to(tl.int64) * s_n
     mean = tl.load(x_ptr + sample + g * CG * s_c).to(tl.float32) + m_shifted
     rstd = 1.0 / tl.sqrt(var + eps)
+    if STATS:
+        if pb == 0:
+            tl.store(mean_ptr + ng, mean)
+            tl.store(rstd_ptr + ng, rstd)
     cj = tl.arange(0, BLOCK_C)
     pp = pb * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = pp < P
@@ -201,10 +214,22 @@ def _launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
             shift: torch.Tensor | None, eps: float, silu: bool) -> torch.Tensor:
     """The op's body: plan the layout and launch the kernels under x's device guard."""
     with device_guard(x):
-        return _launch_on_device(x, num_groups, weight, bias, scale, shift, eps, silu)
+        return _launch_on_device(x, num_groups, weight, bias, scale, shift, eps, silu, None)
 
 
-def _launch_on_device(x, num_groups, weight, bias, scale, shift, eps, silu):
+def _launch_stats(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
+                  bias: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None,
+                  eps: float, silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward with statistics: (y, mean, rstd), mean/rstd (N, num_groups) fp32 (for an empty
+    x those of an empty group: 0 and 1 / sqrt(eps), as the C++ op gives)."""
+    mean = torch.zeros((x.shape[0], num_groups), dtype=torch.float32, device=x.device)
+    rstd = torch.full_like(mean, eps ** -0.5)
+    with device_guard(x):
+        y = _launch_on_device(x, num_groups, weight, bias, scale, shift, eps, silu, (mean, rstd))
+    return y, mean, rstd
+
+
+def _launch_on_device(x, num_groups, weight, bias, scale, shift, eps, silu, stats):
     n, c = x.shape[0], x.shape[1]
     xin, result, out, channels_last = _plan_layout(x)
     if x.numel() == 0:
@@ -216,8 +241,10 @@ def _launch_on_device(x, num_groups, weight, bias, scale, shift, eps, silu):
     s_n, s_c, s_p = (p * c, 1, c) if channels_last else (c * p, p, 1)
     params = [t.float().contiguous() if t is not None else None for t in (weight, bias, scale, shift)]
     flags = dict(HAS_WEIGHT=params[0] is not None, HAS_BIAS=params[1] is not None,
-                 HAS_SCALE=params[2] is not None, HAS_SHIFT=params[3] is not None, SILU=silu)
+                 HAS_SCALE=params[2] is not None, HAS_SHIFT=params[3] is not None, SILU=silu,
+                 STATS=stats is not None)
     ptrs = [t if t is not None else xin for t in params]  # placeholders are never read
+    ptrs += list(stats) if stats is not None else [result, result]  # placeholders never written
     if triton.next_power_of_2(cg) * triton.next_power_of_2(p) <= FUSED_MAX_ELEMENTS:
         wrap_triton(_fused_kernel)[check_grid("x", (n * g,))](
             xin, result, *ptrs, c, p, g, cg, s_n, s_c, s_p, eps, **flags,
@@ -244,17 +271,34 @@ def _launch_on_device(x, num_groups, weight, bias, scale, shift, eps, silu):
 # On a GPU: triton_op, so that torch.compile traces the launches and sees the kernels. Under
 # TRITON_INTERPRET=1 @triton.jit yields interpreted functions that wrap_triton cannot make
 # traceable (they would run on fake tensors): there the launcher is an opaque custom_op with a
-# fake implementation. Either way the op is ddpm_fast::group_norm_scale_shift_triton.
+# fake implementation. Either way the op is ddpm_fast::group_norm_scale_shift_triton, and its
+# forward with statistics ddpm_fast::group_norm_scale_shift_stats_triton (used under autograd;
+# the backward is in group_norm_scale_shift_backward.py).
 OP_NAME = "ddpm_fast::group_norm_scale_shift_triton"
+STATS_OP_NAME = "ddpm_fast::group_norm_scale_shift_stats_triton"
 INTERPRETED = not isinstance(_fused_kernel, JITFunction)
-if INTERPRETED:
-    group_norm_scale_shift_op = torch.library.custom_op(OP_NAME, mutates_args=())(_launch)
 
-    @group_norm_scale_shift_op.register_fake
-    def _fake(x, num_groups, weight, bias, scale, shift, eps, silu):
-        return torch.empty_like(x)
-else:
-    group_norm_scale_shift_op = triton_op(OP_NAME, mutates_args=())(_launch)
+
+def define_op(name: str, body, fake):
+    """`body` as the torch.library op `name`: a triton_op on a GPU, an opaque custom_op with the
+    fake implementation `fake` under the interpreter (see above)."""
+    if INTERPRETED:
+        op = torch.library.custom_op(name, mutates_args=())(body)
+        op.register_fake(fake)
+        return op
+    return triton_op(name, mutates_args=())(body)
+
+
+def _fake(x, num_groups, weight, bias, scale, shift, eps, silu):
+    return torch.empty_like(x)
+
+
+def _fake_stats(x, num_groups, weight, bias, scale, shift, eps, silu):
+    return stats_like(x, num_groups)
+
+
+group_norm_scale_shift_op = define_op(OP_NAME, _launch, _fake)
+group_norm_scale_shift_stats_op = define_op(STATS_OP_NAME, _launch_stats, _fake_stats)
 
 
 def group_norm_scale_shift(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
@@ -265,3 +309,16 @@ def group_norm_scale_shift(x: torch.Tensor, num_groups: int, weight: torch.Tenso
     out like x. Arguments are checked by ddpm_fast.ops.group_norm_scale_shift."""
     return torch.ops.ddpm_fast.group_norm_scale_shift_triton(x, num_groups, weight, bias, scale,
                                                              shift, eps, silu)
+
+
+def group_norm_scale_shift_stats(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
+                                 bias: torch.Tensor | None, scale: torch.Tensor | None,
+                                 shift: torch.Tensor | None, eps: float, silu: bool):
+    """As group_norm_scale_shift, also returning the group statistics: (y, mean, rstd), mean and
+    rstd (N, num_groups) fp32; differentiable (the backward of group_norm_scale_shift_backward.py)."""
+    return torch.ops.ddpm_fast.group_norm_scale_shift_stats_triton(x, num_groups, weight, bias, scale,
+                                                                   shift, eps, silu)
+
+
+# the forward with statistics and the autograd of both ops (the backward kernels' module)
+from . import group_norm_scale_shift_backward as _backward  # noqa: E402,F401

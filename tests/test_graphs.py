@@ -379,7 +379,7 @@ def test_tape_graph_sees_a_freed_input():
 
 def test_cond_fn_alone_takes_gradients(monkeypatch):
     """sample(cond_fn=...): the model runs under no_grad (so, though its parameters require grad,
-    on the fused forward-only kernels where they exist), cond_fn with gradients enabled."""
+    on the fused kernels where they exist), cond_fn with gradients enabled."""
     model = small_unet(seed=0)
     assert all(p.requires_grad for p in model.parameters())
     model_grad, cond_grad = [], []

@@ -103,6 +103,8 @@ GN_FACTORS = {
     "scale": (False, True),
     "shift": (False, True),
     "silu": (False, True),
+    # under autograd: the forward with statistics and the backward kernels (issue 20)
+    "grad": (False, True),
 }
 # attention: every (T bucket, head-dim tile, dtype) cell of the tile table once, at the widest head
 # dim of the tile's bucket but not a power of 2 (40 -> BLOCK_D 64, 96 -> 128), so that each arch's
@@ -282,7 +284,12 @@ def _run_matrix(record: list) -> None:
             groups = 1 if row["groups"] == "one" else max(1, c // 4)
             params = {k: (torch.randn(c) if k in ("weight", "bias") else torch.randn(n, c))
                       for k in ("weight", "bias", "scale", "shift") if row[k]}
-            ops.group_norm_scale_shift(x, groups, **params, silu=row["silu"], backend="triton")
+            if row["grad"]:
+                for t in (x, *params.values()):
+                    t.requires_grad_()
+            y = ops.group_norm_scale_shift(x, groups, **params, silu=row["silu"], backend="triton")
+            if row["grad"]:
+                y.backward(torch.ones_like(y))
     for row in attention_rows():
         record.append(f"attention {row}")
         batch, heads = row["batch_heads"]
@@ -291,25 +298,33 @@ def _run_matrix(record: list) -> None:
         if row["strides"] == "transposed":  # (B, T, 3C) memory read as (B, 3C, T)
             qkv = qkv.transpose(1, 2).contiguous().transpose(1, 2)
         ops.attention(qkv, heads, row["layout"], backend="triton")
+        # under autograd: the forward that saves lse, then the backward kernels (issue 20)
+        out = ops.attention(qkv.requires_grad_(), heads, row["layout"], backend="triton")
+        out.backward(torch.ones_like(out))
     for row in pairwise(STEP_FACTORS):
         record.append(f"diffusion_step {row}")
         x, mo, coef, noise, kwargs = _make_step_inputs(row)
         ops.diffusion_step(x, mo, coef, noise, **kwargs)
+        # under autograd: the backward kernels (issue 20), every pass of the sample projection
+        x_prev, x0 = ops.diffusion_step(x.requires_grad_(), mo.requires_grad_(), coef, noise, **kwargs)
+        (x_prev.sum() + (x0.sum() if x0 is not None else 0)).backward()
     for shape in ((3, 8, 8), (1, 5, 7)):
         record.append(f"initial_noise {shape}")
         philox.initial_noise(torch.arange(2, dtype=torch.int64), shape, backend="triton")
 
 
-def _gpu_attention_specs(spec: dict, t: int, head_dim: int) -> list[dict]:
-    """The interpreter's attention launch `spec` as each arch's GPU launch (tile from the table)."""
+def _gpu_attention_specs(spec: dict, t: int, head_dim: int, backward: bool = False) -> list[dict]:
+    """The interpreter's attention launch `spec` as each arch's GPU launch (tile from the table;
+    the backward kernels' from kernels.attention_backward.backward_tile)."""
     import torch
 
     from ddpm_fast.kernels import attention as att
+    from ddpm_fast.kernels import attention_backward as att_bwd
 
     dtype = {"*fp32": torch.float32, "*fp16": torch.float16, "*bf16": torch.bfloat16}[spec["signature"]["qkv"]]
     out = []
     for cap in ARCHS:
-        tile = att.tile_config(cap, t, head_dim, dtype)
+        tile = att_bwd.backward_tile(head_dim, dtype) if backward else att.tile_config(cap, t, head_dim, dtype)
         constexprs = dict(spec["constexprs"])
         constexprs.update({k: encode_constexpr(v) for k, v in att.dot_constexprs(dtype, head_dim, False).items()})
         constexprs.update(BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"])
@@ -336,8 +351,8 @@ def record_main(out_path: str) -> None:
     _run_matrix(origins)
     specs = []
     for spec, args in zip(launches, launch_args):
-        if spec["kernel"] == "_attention_fwd":
-            specs.extend(_gpu_attention_specs(spec, args["T"], args["HEAD_DIM"]))
+        if spec["kernel"] in ("_attention_fwd", "_attention_fwd_lse", "_attention_bwd_dkdv", "_attention_bwd_dq"):
+            specs.extend(_gpu_attention_specs(spec, args["T"], args["HEAD_DIM"], "_bwd_" in spec["kernel"]))
         else:
             specs.append({**spec, "archs": list(ARCHS)})
     jobs, seen = [], set()
@@ -553,8 +568,10 @@ def test_triton_kernels_compile_for_sm80_and_sm90(tmp_path):
     jobs = recorded["jobs"]
     kernels = {j["kernel"] for j in jobs}
     # every kernel the launchers can run was reached by the matrix
-    assert kernels == {"_fused_kernel", "_moments_kernel", "_apply_kernel", "_attention_fwd", "_step_kernel",
-                       "_pixel_kernel"}, kernels
+    assert kernels == {"_fused_kernel", "_moments_kernel", "_apply_kernel", "_attention_fwd", "_attention_fwd_lse",
+                       "_attention_bwd_delta", "_attention_bwd_dkdv", "_attention_bwd_dq", "_step_kernel",
+                       "_pixel_kernel", "_backward_kernel", "_pixel_backward_kernel", "_gn_backward_sums_kernel",
+                       "_gn_backward_dx_kernel"}, kernels
     assert untried_table_entries(jobs) == []
     results = compile_jobs(jobs, tmp_path)
     print(f"\n{recorded['calls']} op calls, {recorded['launches']} launches -> {len(jobs)} distinct "

@@ -270,3 +270,22 @@ def test_cli_restore_writes_a_png_keeping_the_known_pixels(tmp_path):
                              seed=0, progress=False)
     np.testing.assert_array_equal(got, to_images(want)[0, ..., 0])
     assert np.abs(got[8:].astype(int) - digit[8:].astype(int)).mean() > 10
+
+
+@pytest.mark.skipif(not ddpm_fast.backends()["cpu"], reason="ddpm_fast._C CPU kernels not built")
+def test_reconstruction_guidance_on_the_fused_ops_equals_the_reference_ops():
+    """restore(reconstruction_guidance=w) differentiates through the U-Net: on the fused ops
+    (their backward passes) it gives the reference ops' result."""
+    from conftest import tiny_unet
+
+    g = torch.Generator().manual_seed(2)
+    image = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[..., :4, :] = 1
+    out = {}
+    for backend in ("auto", "torch"):
+        model = tiny_unet(seed=1)
+        model.backend = backend
+        out[backend] = ddpm_fast.restore(model, image, mask, steps="6", jump_length=2, jump_n_sample=2,
+                                         reconstruction_guidance=10.0, seed=0, progress=False, backend=backend)
+    torch.testing.assert_close(out["auto"], out["torch"], atol=2e-4, rtol=2e-4)

@@ -332,3 +332,35 @@ def test_trainer_uses_augmentation(tiny_data):
     torch.testing.assert_close(x_plain, tiny_data[0][pick], rtol=0, atol=0)
     torch.testing.assert_close(x_aug, T.augment(tiny_data[0][pick], "flip,rot:15", g), rtol=0, atol=0)
     assert (x_aug - x_plain).abs().max() > 0.1
+
+
+@pytest.mark.skipif(not T.fused_by_default("cpu"), reason="no fused CPU kernels built")
+def test_fused_training_matches_the_reference_ops(tiny_data):
+    """Trainer(fused=True) (forward and backward on the fused ops) against fused=False (the
+    reference ops, PyTorch's autograd): the same losses, gradients and EMA over three steps
+    (dropout on, hybrid loss, label dropout), to float32 rounding. Both run the reference-op
+    check: the fused trainer's model really is on the fused backend."""
+    fused = T.Trainer(tiny_config(), data=tiny_data, fused=True)
+    ref = T.Trainer(tiny_config(), data=tiny_data, fused=False)
+    assert fused.model.backend == "auto" and fused.model.fast and ref.model.backend == "torch"
+    for _ in range(3):
+        lf, lr = fused.train_step(), ref.train_step()
+        for key in ("loss", "mse", "vb"):
+            assert math.isclose(lf[key], lr[key], rel_tol=1e-4, abs_tol=1e-6), (key, lf[key], lr[key])
+        assert math.isclose(lf["grad_norm"], lr["grad_norm"], rel_tol=1e-3)
+    for (name, a), b in zip(fused.ema.state_dict().items(), ref.ema.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"ema {name}")
+
+
+def test_fused_flag_on_the_command_line(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_train(cfg, out, **kw):
+        seen.update(kw)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(T, "train", fake_train)
+    for flag, expected in (([], None), (["--fused"], True), (["--no-fused"], False)):
+        with pytest.raises(SystemExit):
+            T.main(["--out", str(tmp_path), "--steps", "1", *flag])
+        assert seen["fused"] is expected

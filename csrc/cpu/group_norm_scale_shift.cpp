@@ -1,4 +1,6 @@
-// CPU kernel of ddpm_fast::group_norm_scale_shift (ADM's AdaGN, see csrc/include/group_norm_math.h).
+// CPU kernel of ddpm_fast::group_norm_scale_shift (ADM's AdaGN, see csrc/include/group_norm_math.h)
+// and of its variant with statistics, ddpm_fast::group_norm_scale_shift_stats (the same passes,
+// also writing each group's mean and rstd for the backward, group_norm_scale_shift_backward.cpp).
 //
 // Two passes over x:
 //   1. statistics: per-(n, c) moments in one read (fp32 SIMD lanes of values shifted by one value
@@ -13,9 +15,10 @@
 // rows with the coefficient vectors of sample n. Both passes are parallel (at::parallel_for).
 //
 // SIMD: at::vec::Vectorized<float>. On x86-64 the kernel section is compiled for AVX2+FMA+F16C
-// (the CPU is checked at run time; a CPU without them gets the composite ATen ops); the fp32 SiLU
-// apply has an AVX-512 variant used when the CPU has it (DDPM_FAST_CPU_ISA=avx2 turns it off). Everything that
-// is not vector code is included and compiled before that section, for the baseline target.
+// (group_norm_cpu_simd_begin.h; the CPU is checked at run time; a CPU without them gets the
+// composite ATen ops); the fp32 SiLU apply has an AVX-512 variant used when the CPU has it
+// (DDPM_FAST_CPU_ISA=avx2 turns it off). Everything that is not vector code is included and
+// compiled before that section, for the baseline target.
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/NumericUtils.h>
@@ -49,11 +52,9 @@
 namespace ddpm_fast {
 namespace {
 
-// e^r ~ p(r) on [-ln2/2, ln2/2]: degree-4 minimax coefficients, highest degree first (relative
-// error < 3e-6), shared by the AVX-512 and AVX2 SiLU.
-constexpr float kExpPoly[5] = {0.041513849f, 0.167874739f, 0.50003016f, 0.99996686f, 1.0f};
-constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kLn2 = 0.693147180559945309f;
+using gn::kExpPoly;
+using gn::kLn2;
+using gn::kLog2e;
 
 __attribute__((target("avx512f"))) inline __m512 silu_affine_avx512(__m512 x, __m512 a, __m512 b) {
   const __m512 y = _mm512_fmadd_ps(a, x, b);
@@ -98,92 +99,21 @@ bool use_avx512() { return cpu_isa::level() == cpu_isa::kAvx512; }
 }  // namespace ddpm_fast
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(CPU_CAPABILITY)
-#define DDPM_GN_X86_AVX2 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-// sleef.h declares its AVX2 functions (which the vec headers name but this kernel never calls)
-// only when __AVX__ is predefined, which a target pragma does not do.
-#define SLEEF_STATIC_LIBS
-#ifndef __AVX__
-#define __AVX__ 1
-#include <sleef.h>
-#undef __AVX__
-#endif
-#endif
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
+#include "group_norm_cpu_simd_begin.h"
 
 namespace ddpm_fast {
 namespace {
 
 using gn::ChannelAffine;
 using gn::Moments;
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kVec = Vec::size();
-constexpr int64_t kStep = 2 * kVec;  // elements per inner iteration (two float vectors)
+using namespace gn_simd;  // Vec, kVec, kStep, load2, store2, lane_sum, ...
 // fp32 lanes accumulate this many steps before they are flushed into double.
 constexpr int64_t kFlushSteps = 32;
-
-// ---- loads/stores of 2 * kVec elements as two float vectors -----------------------------------
-template <typename T>
-inline void load2(const T* p, Vec& lo, Vec& hi) {
-  if constexpr (std::is_same_v<T, float>) {
-    lo = Vec::loadu(p);
-    hi = Vec::loadu(p + kVec);
-  } else {
-    at::vec::load_to_float<T>(p, lo, hi);
-  }
-}
-
-template <typename T>
-inline void store2(T* p, const Vec& lo, const Vec& hi) {
-  if constexpr (std::is_same_v<T, float>) {
-    lo.store(p);
-    hi.store(p + kVec);
-  } else {
-    at::vec::convert_from_float<T>(lo, hi).store(p);
-  }
-}
-
-inline double lane_sum(const Vec& v) {
-  alignas(64) float lanes[kVec];
-  v.store(lanes);
-  double s = 0.0;
-  for (int64_t j = 0; j < kVec; ++j) s += lanes[j];
-  return s;
-}
-
-// SiLU(y) = y / (1 + exp(-y)): its exp is the costly part of the apply pass (the FMA ports are the
-// bottleneck). On x86 a lean AVX2 version: exp(t) = 2^n * p(r), n = round(t / ln 2),
-// r = t - n ln 2 in [-ln2/2, ln2/2], p a degree-4 minimax polynomial (relative error < 3e-6, which
-// moves SiLU by < 1e-6 absolutely: |d silu| <= |y| s (1 - s) |d exp / exp| <= 0.45 |...|), with t
-// clamped to +-87 so that 2^n stays a normal float. Where the one-constant reduction loses digits
-// (|t| large) sigmoid is saturated and the error does not show. Elsewhere at::vec's exp_u20.
-inline Vec silu(const Vec& y) {
-#ifdef DDPM_GN_X86_AVX2
-  const __m256 yc = _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(87.0f));
-  // k = -y log2(e) + (1.5 * 2^23 + 127): its low mantissa bits hold round(-y log2 e) + 127.
-  const __m256 magic = _mm256_set1_ps(12582912.0f + 127.0f);
-  const __m256 k = _mm256_fnmadd_ps(yc, _mm256_set1_ps(kLog2e), magic);
-  const __m256 n = _mm256_sub_ps(k, magic);
-  const __m256 r = _mm256_fnmsub_ps(n, _mm256_set1_ps(kLn2), yc);  // -y - n ln2
-  __m256 p = _mm256_set1_ps(kExpPoly[0]);
-  for (int j = 1; j < 5; ++j) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[j]));
-  const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(k), 23));
-  // A division beats reciprocal + Newton here: it runs beside the FMA ports.
-  return Vec(_mm256_div_ps(y, _mm256_fmadd_ps(p, two_n, _mm256_set1_ps(1.0f))));
-#else
-  return y / (Vec(1.0f) + y.neg().exp_u20());
-#endif
-}
 
 template <bool kSilu>
 inline Vec fused_vec(const Vec& x, const Vec& a, const Vec& b) {
   const Vec y = at::vec::fmadd(a, x, b);
-  if constexpr (kSilu) return silu(y);
+  if constexpr (kSilu) return gn_simd::silu(y);
   return y;
 }
 
@@ -282,17 +212,7 @@ void channel_moments_nhwc(const T* x, int64_t n_samples, int64_t pixels, int64_t
             q_lo = at::vec::fmadd(lo, lo, q_lo);
             q_hi = at::vec::fmadd(hi, hi, q_hi);
           }
-          alignas(64) float lanes[4][kVec];
-          a_lo.store(lanes[0]);
-          a_hi.store(lanes[1]);
-          q_lo.store(lanes[2]);
-          q_hi.store(lanes[3]);
-          for (int64_t j = 0; j < kVec; ++j) {
-            d1[c + j] += lanes[0][j];
-            d1[c + kVec + j] += lanes[1][j];
-            d2[c + j] += lanes[2][j];
-            d2[c + kVec + j] += lanes[3][j];
-          }
+          gn_simd::add_lanes(d1 + c, d2 + c, a_lo, a_hi, q_lo, q_hi);
         }
         for (; c < channels; ++c) {
           float s1 = 0.0f, s2 = 0.0f;
@@ -413,13 +333,18 @@ void apply_nhwc(const T* x, T* y, int64_t n_samples, int64_t pixels, int64_t cha
 
 using gn::Problem;
 
-// The coefficients (a, b) of the cg channels of group g of sample n from their moments chan[0..cg).
+// The coefficients (a, b) of the cg channels of group g of sample n from their moments chan[0..cg)
+// (and the group's mean and rstd into p.mean_out / p.rstd_out when given).
 void group_coefficients(const Problem& p, int64_t n, int64_t g, const Moments<double>* chan, float* a,
                         float* b) {
   const int64_t cg = p.c / p.groups;
   Moments<double> m = gn::moments_empty<double>();
   for (int64_t j = 0; j < cg; ++j) m = gn::moments_merge(m, chan[j]);
   const double rstd = gn::group_rstd<double>(m, p.eps);
+  if (p.mean_out) {
+    p.mean_out[n * p.groups + g] = static_cast<float>(m.mean);
+    p.rstd_out[n * p.groups + g] = static_cast<float>(rstd);
+  }
   for (int64_t j = 0; j < cg; ++j) {
     const int64_t c = g * cg + j, nc = n * p.c + c;
     const ChannelAffine<double> f = gn::channel_affine<double>(
@@ -519,34 +444,25 @@ void run_dense_dispatch(const Problem& p, const at::Tensor& x, at::Tensor& y) {
 }  // namespace
 }  // namespace ddpm_fast
 
-#ifdef DDPM_GN_X86_AVX2
-#pragma GCC pop_options
-#undef CPU_CAPABILITY
-#undef CPU_CAPABILITY_AVX2
-#endif
+#include "group_norm_cpu_simd_end.h"
 
 // ---- host entry (baseline target) --------------------------------------------------------------
 namespace ddpm_fast {
 namespace {
 
-// x86-64-v3 (AVX2, FMA, F16C, ...) unless DDPM_FAST_CPU_ISA=baseline caps it (csrc/include/cpu_isa.h).
-bool simd_supported() {
-#ifdef DDPM_GN_X86_AVX2
-  return cpu_isa::level() >= cpu_isa::kAvx2;
-#else
-  return true;
-#endif
-}
-
-// Without AVX2/FMA/F16C: the same math with composite ATen ops.
+// Without AVX2/FMA/F16C: the same math with composite ATen ops (statistics into `stats` when given).
 at::Tensor composite(const at::Tensor& x, int64_t groups, const std::optional<at::Tensor>& weight,
                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
-                     const std::optional<at::Tensor>& shift, double eps, bool silu) {
+                     const std::optional<at::Tensor>& shift, double eps, bool silu, gn::Stats* stats) {
   std::vector<int64_t> per_channel(x.dim(), 1);
   per_channel[0] = x.size(0);
   per_channel[1] = x.size(1);
-  at::Tensor h =
-      at::group_norm(x.to(at::kFloat), groups, gn::as_float(weight), gn::as_float(bias), eps);
+  const at::Tensor xf = x.to(at::kFloat);
+  at::Tensor h = at::group_norm(xf, groups, gn::as_float(weight), gn::as_float(bias), eps);
+  if (stats) {
+    auto [var, mean] = at::var_mean(xf.reshape({x.size(0), groups, -1}), {2}, /*correction=*/0);
+    *stats = gn::Stats{mean, (var + eps).rsqrt()};
+  }
   if (scale.has_value()) h = h * (gn::as_float(scale)->reshape(per_channel) + 1.0);
   if (shift.has_value()) h = h + gn::as_float(shift)->reshape(per_channel);
   if (silu) h = at::silu(h);
@@ -555,17 +471,23 @@ at::Tensor composite(const at::Tensor& x, int64_t groups, const std::optional<at
   return out;
 }
 
-at::Tensor group_norm_scale_shift_cpu(const at::Tensor& x, int64_t num_groups,
-                                      const std::optional<at::Tensor>& weight,
-                                      const std::optional<at::Tensor>& bias,
-                                      const std::optional<at::Tensor>& scale,
-                                      const std::optional<at::Tensor>& shift, double eps,
-                                      bool silu) {
+// The forward; with `stats`, also the group statistics (N, G) fp32.
+at::Tensor forward(const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
+                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                   const std::optional<at::Tensor>& shift, double eps, bool silu, gn::Stats* stats) {
   gn::check_args(x, num_groups, weight, bias, scale, shift, eps);
-  if (!simd_supported()) return composite(x, num_groups, weight, bias, scale, shift, eps, silu);
+  if (x.numel() == 0) {
+    if (stats) *stats = gn::empty_stats(x, num_groups, eps);
+    return at::empty_like(x);
+  }
+  if (!gn_simd::supported()) return composite(x, num_groups, weight, bias, scale, shift, eps, silu, stats);
 
-  if (x.numel() == 0) return at::empty_like(x);
   gn::Call call = gn::prepare_call(x, num_groups, weight, bias, scale, shift, eps, silu);
+  if (stats) {
+    *stats = gn::stats_buffers(x, num_groups);
+    call.p.mean_out = stats->mean.mutable_data_ptr<float>();
+    call.p.rstd_out = stats->rstd.mutable_data_ptr<float>();
+  }
   run_dense_dispatch(call.p, call.layout.input, call.layout.result);
   return gn::finish_layout(call.layout);
 }
@@ -574,5 +496,6 @@ at::Tensor group_norm_scale_shift_cpu(const at::Tensor& x, int64_t num_groups,
 }  // namespace ddpm_fast
 
 TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
-  m.impl("group_norm_scale_shift", &ddpm_fast::group_norm_scale_shift_cpu);
+  m.impl("group_norm_scale_shift", &ddpm_fast::gn::forward_plain<&ddpm_fast::forward>);
+  m.impl("group_norm_scale_shift_stats", &ddpm_fast::gn::forward_stats<&ddpm_fast::forward>);
 }

@@ -9,7 +9,10 @@
 //   attention_fwd_kernel (scalar fp32 math): everything else (fp32, other head dims up to 256,
 //     other strides, misaligned views).
 // Both use a 1-D grid of (batch, head, 64-query block) blocks, the current stream and the device
-// guard; the output is a new (B, C, T) contiguous tensor.
+// guard; the output is a new (B, C, T) contiguous tensor. ddpm_fast::attention_lse (the forward
+// under autograd) runs the same kernels with AttentionParams::lse set: each row's thread (lane
+// column 0; quad lane 0 on the tensor cores) also stores the row's logsumexp, (B, heads, T) fp32,
+// for the backward of attention_backward.cu.
 //
 // The scalar kernel: one block of 256 threads computes 64 queries of one (batch, head); the grid is 1-D (axis x, limit
 // 2^31 - 1), block = (batch * heads + head) * query_blocks + query block, so no grid axis with a
@@ -41,6 +44,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "attention_host.h"
 #include "attention_math.h"
 
 namespace {
@@ -86,21 +90,12 @@ struct AttentionParams {
   int64_t stride_t;
   am::QkvChannels chan;
   float scale_log2;   // log2(e) / sqrt(ch)
+  float* lse;         // (B, heads, T) fp32: each query's logsumexp (ddpm_fast::attention_lse), or null
 };
 
-// (batch, head, query block) of this block: block = (batch * heads + head) * query_blocks + qb.
-// 32-bit unsigned division (the grid is below 2^31 blocks): int64 division is a subroutine CALL,
-// whose register saves gave the scalar kernel a stack frame (issue 16).
-struct BlockCoords {
-  uint32_t batch, head, query_block;
-};
-
-__device__ __forceinline__ BlockCoords block_coords(const AttentionParams& p) {
-  const uint32_t block = blockIdx.x;
-  const uint32_t query_blocks = static_cast<uint32_t>(p.query_blocks);
-  const uint32_t heads = static_cast<uint32_t>(p.heads);
-  const uint32_t batch_head = block / query_blocks;
-  return {batch_head / heads, batch_head % heads, block % query_blocks};
+// (batch, head, query block) of this block (attention_math.h: 32-bit division, no stack frame).
+__device__ __forceinline__ am::BlockCoords block_coords(const AttentionParams& p) {
+  return am::split_block(blockIdx.x, static_cast<uint32_t>(p.query_blocks), static_cast<uint32_t>(p.heads));
 }
 
 // Max (or sum) over the 16 lanes of a thread row: xor offsets below 16 stay inside the half warp.
@@ -142,8 +137,8 @@ attention_fwd_kernel(const scalar_t* __restrict__ qkv, scalar_t* __restrict__ ou
   const int tid = threadIdx.x;
   const int trow = tid / kThreadCols;
   const int tcol = tid % kThreadCols;
-  const BlockCoords bc = block_coords(p);
-  const int64_t batch = bc.batch, head = bc.head, m0 = bc.query_block * int64_t{kBlockM};
+  const am::BlockCoords bc = block_coords(p);
+  const int64_t batch = bc.batch, head = bc.head, m0 = bc.tile * int64_t{kBlockM};
 
   const scalar_t* base = qkv + batch * p.stride_b;
   const scalar_t* q_g = base + (p.chan.q + head * p.chan.head) * p.stride_c;
@@ -263,6 +258,13 @@ attention_fwd_kernel(const scalar_t* __restrict__ qkv, scalar_t* __restrict__ ou
 #pragma unroll
     for (int j = 0; j < DPT; ++j) {
       q_s[(tcol + kThreadCols * j) * Tile::kQLd + trow * R + r] = am::online_softmax_finish(acc[r][j], inv_l);
+    }
+  }
+  if (p.lse != nullptr && tcol == 0) {  // the forward under autograd: the rows' logsumexp
+    float* lse_g = p.lse + (batch * p.heads + head) * length + m0;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (m0 + trow * R + r < length) lse_g[trow * R + r] = am::online_softmax_lse(m_run[r], l_run[r]);
     }
   }
   __syncthreads();
@@ -460,8 +462,8 @@ attention_tc_kernel(const scalar_t* __restrict__ qkv, scalar_t* __restrict__ out
   const int g = lane / 4, t4 = lane % 4;  // mma fragment row group / thread in group
   const int lr = lane % 8, lj = lane / 8;  // ldmatrix: row within a matrix / matrix index
   const int64_t length = p.length;
-  const BlockCoords bc = block_coords(p);
-  const int64_t batch = bc.batch, head = bc.head, m0 = bc.query_block * int64_t{kBlockM};
+  const am::BlockCoords bc = block_coords(p);
+  const int64_t batch = bc.batch, head = bc.head, m0 = bc.tile * int64_t{kBlockM};
 
   const scalar_t* base = qkv + batch * p.stride_b;
   const scalar_t* q_g = base + (p.chan.q + head * p.chan.head) * p.stride_c;
@@ -600,6 +602,10 @@ attention_tc_kernel(const scalar_t* __restrict__ qkv, scalar_t* __restrict__ out
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     inv[h] = am::online_softmax_inverse(l);
+    const int64_t row = m0 + warp * 16 + g + 8 * h;
+    if (p.lse != nullptr && t4 == 0 && row < length) {  // the forward under autograd: logsumexp
+      p.lse[(batch * p.heads + head) * length + row] = am::online_softmax_lse(m_run[h], l);
+    }
   }
   // O staged as [query][dim] (32-bit stores of a thread's dim pairs), then gathered along T.
   constexpr int kOLd = D + kPad;
@@ -743,7 +749,8 @@ void dispatch_head_dim(const at::Tensor& qkv, at::Tensor& out, const AttentionPa
   return launch<scalar_t, kMaxHeadDim, 2, false>(device, qkv, out, params);
 }
 
-at::Tensor attention_cuda(const at::Tensor& qkv, int64_t num_heads, bool legacy) {
+// The forward on CUDA tensors; fills `lse` ((B, heads, T) fp32 contiguous) when it is defined.
+at::Tensor attention_forward(const at::Tensor& qkv, int64_t num_heads, bool legacy, const at::Tensor& lse) {
   const int64_t ch = am::check_qkv(qkv.sizes(), qkv.scalar_type(), num_heads);
   DDPM_CHECK(qkv.is_cuda(), "attention: qkv must be a CUDA tensor, got ", qkv.device());
   DDPM_CHECK(ch <= kMaxHeadDim, "attention: head dim C/num_heads=", ch,
@@ -767,6 +774,7 @@ at::Tensor attention_cuda(const at::Tensor& qkv, int64_t num_heads, bool legacy)
   params.stride_t = qkv.stride(2);
   params.chan = am::qkv_channels(channels, ch, legacy);
   params.scale_log2 = am::softmax_scale_log2(ch);
+  params.lse = lse.defined() ? lse.mutable_data_ptr<float>() : nullptr;
   AT_DISPATCH_SWITCH(qkv.scalar_type(), "ddpm_fast_attention",
                      AT_DISPATCH_CASE(at::kFloat, [&] { dispatch_head_dim<scalar_t>(qkv, out, params); })
                      AT_DISPATCH_CASE(at::kHalf, [&] { dispatch_head_dim<scalar_t>(qkv, out, params); })
@@ -775,8 +783,19 @@ at::Tensor attention_cuda(const at::Tensor& qkv, int64_t num_heads, bool legacy)
   return out;
 }
 
+at::Tensor attention_cuda(const at::Tensor& qkv, int64_t num_heads, bool legacy) {
+  return attention_forward(qkv, num_heads, legacy, at::Tensor());
+}
+
+// The forward that also returns lse (B, heads, T) fp32, lse[b, h, t] = log sum_s exp(q_t . k_s /
+// sqrt(ch)): what the backward (attention_backward.cu) recomputes P from.
+std::tuple<at::Tensor, at::Tensor> attention_lse_cuda(const at::Tensor& qkv, int64_t num_heads, bool legacy) {
+  return am::forward_with_lse(attention_forward, qkv, num_heads, legacy);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) {
   m.impl("attention", &attention_cuda);
+  m.impl("attention_lse", &attention_lse_cuda);
 }

@@ -26,18 +26,16 @@
 #include <algorithm>
 
 #include "diffusion_step_args.h"
+#include "diffusion_step_cuda.h"
 #include "diffusion_step_math.h"
 #include "philox.h"
 
 namespace ddpm_fast {
 namespace {
 
+using namespace step_cuda;  // NOLINT(google-build-using-namespace): the shared device helpers
 using step::Coefs;
 using step::Options;
-
-constexpr int kThreads = 256;
-constexpr int kPerThread = 4;  // elements per thread: one Philox block
-constexpr int kPerBlock = kThreads * kPerThread;
 
 enum Mode : int { kPlain = 0, kStats = 1, kApply = 2 };
 
@@ -69,60 +67,6 @@ struct Tensors {
   S* x0;  // or null
 };
 
-template <class T>
-struct alignas(sizeof(T) * 4) Pack4 {
-  T v[4];
-};
-
-// 4 consecutive values from p (elements i .. i + 3 of a run of n) as float; zeros past n.
-template <class T>
-__device__ __forceinline__ void load4(const T* p, int64_t i, int64_t n, bool vector_io, float v[4]) {
-  if (vector_io && i + 3 < n) {
-    const Pack4<T> pk = *reinterpret_cast<const Pack4<T>*>(p + i);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) v[k] = static_cast<float>(pk.v[k]);
-  } else {
-#pragma unroll
-    for (int k = 0; k < 4; ++k) v[k] = i + k < n ? static_cast<float>(p[i + k]) : 0.0f;
-  }
-}
-
-template <class T>
-__device__ __forceinline__ void store4(T* p, int64_t i, int64_t n, bool vector_io, const float v[4]) {
-  if (vector_io && i + 3 < n) {
-    Pack4<T> pk;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) pk.v[k] = static_cast<T>(v[k]);
-    *reinterpret_cast<Pack4<T>*>(p + i) = pk;
-  } else {
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      if (i + k < n) p[i + k] = static_cast<T>(v[k]);
-    }
-  }
-}
-
-// Sum of v over the block (all threads must call; result valid in every thread).
-__device__ __forceinline__ float block_sum(float v, float* shared) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();  // shared may still be read by a previous call
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  float total = 0.0f;
-#pragma unroll
-  for (int w = 0; w < kThreads / 32; ++w) total += shared[w];
-  return total;
-}
-
-// The block's sample's coefficients, loaded once per block.
-__device__ __forceinline__ Coefs block_coefs(const Params& p, int64_t b, float* shared) {
-  if (threadIdx.x < step::kNumCoefs) shared[threadIdx.x] = p.coef[b * step::kNumCoefs + threadIdx.x];
-  __syncthreads();
-  return step::load_coefs(shared);
-}
-
 // The step of elements first .. first + 3 of sample b (any alignment), before projection and clip.
 template <class S, class M>
 __device__ __forceinline__ void step4(const Tensors<S, M>& t, const Params& p, const Coefs& k, int64_t b,
@@ -130,7 +74,7 @@ __device__ __forceinline__ void step4(const Tensors<S, M>& t, const Params& p, c
   const Options& o = p.o;
   const int64_t n = p.numel;
   float x[4], pred[4], var[4] = {0.0f, 0.0f, 0.0f, 0.0f}, grad[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float z[4];
   load4(t.x + b * n, first, n, vector_io, x);
   load4(t.model_output + b * p.mo_stride, first, n, vector_io, pred);
   if (o.method == step::kDdpm && step::learned_variance(o.variance)) {
@@ -138,18 +82,7 @@ __device__ __forceinline__ void step4(const Tensors<S, M>& t, const Params& p, c
   }
   if (o.has_grad) load4(t.grad + b * n, first, n, vector_io, grad);
   const bool has_noise = p.seed != nullptr || t.noise != nullptr;
-  if (p.seed != nullptr) {
-    const philox::Key key = philox::key_of_seed(p.seed[b]);
-    const philox::StepWords st = philox::step_words(*p.step);
-    if ((first & 3) == 0) {
-      philox::normal4(key, st, static_cast<uint32_t>(first >> 2), z);
-    } else {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) z[e] = philox::normal_at(key, st, static_cast<uint64_t>(first + e));
-    }
-  } else if (t.noise != nullptr) {
-    load4(t.noise + b * n, first, n, vector_io, z);
-  }
+  noise4(p.seed, p.step, t.noise != nullptr ? t.noise + b * n : nullptr, b, first, n, vector_io, z);
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     const step::Values<float> v = step::step_element<float>(k, o, x[e], pred[e], var[e], grad[e]);
@@ -168,7 +101,7 @@ template <class S, class M, int kMode>
 __global__ void __launch_bounds__(kThreads) step_kernel(Tensors<S, M> t, Params p) {
   __shared__ float shared[32];
   const int64_t b = p.batch_offset + blockIdx.y;
-  const Coefs k = block_coefs(p, b, shared);
+  const Coefs k = block_coefs(p.coef, b, shared);
   const float factor = kMode == kApply ? p.factor[b] : 0.0f;
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kPerThread;
   float r2 = 0.0f, l2 = 0.0f;
@@ -225,7 +158,7 @@ template <class S, class M>
 __global__ void __launch_bounds__(kThreads) pixel_kernel(Tensors<S, M> t, Params p) {
   __shared__ float shared[32];
   const int64_t b = p.batch_offset + blockIdx.y;
-  const Coefs k = block_coefs(p, b, shared);
+  const Coefs k = block_coefs(p.coef, b, shared);
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kPerThread;
   if (first >= p.pixels) return;
   const bool vector_io = p.vector_io && (p.pixels & 3) == 0;
@@ -254,26 +187,6 @@ __global__ void __launch_bounds__(kThreads) pixel_kernel(Tensors<S, M> t, Params
     if (t.x0 != nullptr) store4(t.x0 + b * p.numel + offset, 0, last, vector_io, x0);
   }
 }
-
-// f(value of the C++ type of `type`) for the three storage dtypes (check_arguments admitted no other).
-template <class F>
-void dispatch_float(at::ScalarType type, F&& f) {
-  switch (type) {
-    case at::kFloat:
-      f(float{});
-      return;
-    case at::kHalf:
-      f(at::Half{});
-      return;
-    case at::kBFloat16:
-      f(at::BFloat16{});
-      return;
-    default:
-      DDPM_CHECK(false, "unsupported dtype ", type);
-  }
-}
-
-bool aligned(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
 
 template <class S, class M>
 void launch(const Tensors<S, M>& t, Params p, int64_t batch, const at::Tensor& x) {

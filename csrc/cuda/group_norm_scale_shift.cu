@@ -1,4 +1,6 @@
-// CUDA kernel of ddpm_fast::group_norm_scale_shift (ADM's AdaGN, see csrc/include/group_norm_math.h).
+// CUDA kernel of ddpm_fast::group_norm_scale_shift (ADM's AdaGN, see csrc/include/group_norm_math.h)
+// and of ddpm_fast::group_norm_scale_shift_stats (the same launches; the coefficients kernel also
+// writes each group's mean and rstd for the backward, group_norm_scale_shift_backward.cu).
 //
 // Three launches on the current stream:
 //   1. moments: partial statistics {count, mean, m2} of slices of every group, several blocks per
@@ -35,36 +37,32 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
-#include <array>
-#include <mutex>
-
 #include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
 
+#include "group_norm_device.h"
 #include "group_norm_host.h"
 #include "group_norm_math.h"
 
 namespace ddpm_fast {
 namespace {
 
+using gn::ceil_div;
+using gn::imin;
+using gn::load_float;
+using gn::load_pack;
+using gn::max_grid_dim;
 using gn::Moments;
+using gn::Pack;
+using gn::param_at;
+using gn::sm_count;
 
 constexpr int kThreads = 256;           // moments (NCHW) and apply blocks
 constexpr int kCoefThreads = 128;       // coefficient blocks
 constexpr int kMaxTileVectors = 32;     // channels-last moments: at most 32 channel vectors per block row
 constexpr int kBlocksPerSm = 8;         // moments blocks to aim for per SM (several resident, more waves)
-
-template <typename I>
-__device__ __forceinline__ I imin(I a, I b) {
-  return a < b ? a : b;
-}
-
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
 
 __device__ __forceinline__ Moments<float> shfl_down(const Moments<float>& m, int offset) {
   Moments<float> o;
@@ -96,11 +94,6 @@ __device__ Moments<float> block_merge(Moments<float> m) {
 }
 
 // ---- 1. moments --------------------------------------------------------------------------------
-
-template <typename T, int kVec>
-__device__ __forceinline__ Pack<T, kVec> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T, kVec>*>(p);
-}
 
 // The kVec values of p minus shift, as float.
 template <typename T, int kVec>
@@ -153,12 +146,7 @@ moments_channels_last_kernel(const T* __restrict__ x, index_t pixels, index_t ch
   __shared__ float2 row_moments[kThreads * kVec];  // (mean, m2) of thread t's channel j at t * kVec + j
   const index_t tx_dim = blockDim.x, ty_dim = blockDim.y;
   const index_t tile_channels = tx_dim * kVec;
-  const index_t tiles = (channels + tile_channels - 1) / tile_channels;
-  const index_t n = static_cast<index_t>(blockIdx.x) / tiles;
-  const index_t c_tile = static_cast<index_t>(blockIdx.x) % tiles * tile_channels;
-  const index_t c0 = c_tile + static_cast<index_t>(threadIdx.x) * kVec;
-  const index_t p_begin = static_cast<index_t>(blockIdx.y) * chunk_px;
-  const index_t p_end = imin<index_t>(pixels, p_begin + chunk_px);
+  const auto [n, c_tile, c0, p_begin, p_end] = gn::channel_tile<kVec>(pixels, channels, chunk_px);
   const T* sample = x + n * pixels * channels;
   float count = 0.f, mean[kVec], m2[kVec], shift[kVec];
 #pragma unroll
@@ -207,23 +195,6 @@ moments_channels_last_kernel(const T* __restrict__ x, index_t pixels, index_t ch
 
 // ---- 2. coefficients ---------------------------------------------------------------------------
 
-// Element i of a float / half / bfloat16 array, as float.
-__device__ __forceinline__ float load_float(const void* p, int64_t i, at::ScalarType dtype) {
-  switch (dtype) {
-    case at::ScalarType::Half:
-      return static_cast<float>(static_cast<const at::Half*>(p)[i]);
-    case at::ScalarType::BFloat16:
-      return static_cast<float>(static_cast<const at::BFloat16*>(p)[i]);
-    default:
-      return static_cast<const float*>(p)[i];
-  }
-}
-
-// Parameter (n, c), or `absent` without one.
-__device__ __forceinline__ float param_at(const gn::Param& q, int64_t n, int64_t c, float absent) {
-  return q.data ? load_float(q.data, n * q.stride_n + c * q.stride_c, q.dtype) : absent;
-}
-
 struct CoefArgs {
   const Moments<float>* partial;  // (N * G, per_group)
   int64_t per_group;
@@ -237,6 +208,8 @@ struct CoefArgs {
   gn::Param weight, bias;  // (C,)
   gn::Param scale, shift;  // (N, C)
   float2* coef;            // (N, C): (a, b)
+  float* mean_out;         // (N, G): the group statistics (the forward with statistics), or nullptr
+  float* rstd_out;
 };
 
 __global__ void __launch_bounds__(kCoefThreads) coefficients_kernel(CoefArgs args) {
@@ -252,6 +225,10 @@ __global__ void __launch_bounds__(kCoefThreads) coefficients_kernel(CoefArgs arg
     s_mean = m.mean;
     s_rstd = gn::group_rstd<float>(m, args.eps);
     s_mean += load_float(args.x, n * args.group_stride_n + g * args.group_stride_g, args.x_dtype);
+    if (args.mean_out) {
+      args.mean_out[ng] = s_mean;
+      args.rstd_out[ng] = s_rstd;
+    }
   }
   __syncthreads();
   for (int64_t j = threadIdx.x; j < cg; j += kCoefThreads) {
@@ -330,32 +307,6 @@ apply_kernel(const T* __restrict__ x, T* __restrict__ y, index_t numel, index_t 
 
 // ---- host --------------------------------------------------------------------------------------
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Streaming multiprocessors of the current device (queried once per device).
-int64_t sm_count() {
-  constexpr int kMaxDevices = 64;
-  static std::array<int, kMaxDevices> cache{};
-  static std::mutex mutex;
-  const int device = c10::cuda::current_device();
-  std::lock_guard<std::mutex> lock(mutex);
-  if (device >= kMaxDevices) {
-    int sms = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    return sms;
-  }
-  if (cache[device] == 0)
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&cache[device], cudaDevAttrMultiProcessorCount, device));
-  return cache[device];
-}
-
-// A grid dimension limit of the current device (cudaDevAttrMaxGridDim{X,Y,Z}).
-int64_t max_grid_dim(cudaDeviceAttr axis) {
-  int value = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, axis, c10::cuda::current_device()));
-  return value;
-}
-
 using gn::Problem;
 
 template <typename T, int kVec, typename index_t>
@@ -425,7 +376,9 @@ void launch(const Problem& p, const T* x, T* y, const at::TensorOptions& float_o
                 p.bias_p,
                 p.scale_p,
                 p.shift_p,
-                reinterpret_cast<float2*>(coef.data_ptr<float>())};
+                reinterpret_cast<float2*>(coef.data_ptr<float>()),
+                p.mean_out,
+                p.rstd_out};
   coefficients_kernel<<<static_cast<unsigned>(ng), kCoefThreads, 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -467,17 +420,23 @@ void launch_typed(const Problem& p, const at::Tensor& x, at::Tensor& y) {
   }
 }
 
-at::Tensor group_norm_scale_shift_cuda(const at::Tensor& x, int64_t num_groups,
-                                       const std::optional<at::Tensor>& weight,
-                                       const std::optional<at::Tensor>& bias,
-                                       const std::optional<at::Tensor>& scale,
-                                       const std::optional<at::Tensor>& shift, double eps,
-                                       bool silu) {
+// The forward; with `stats`, also the group statistics (N, G) fp32 (written by coefficients_kernel).
+at::Tensor forward(const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
+                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                   const std::optional<at::Tensor>& shift, double eps, bool silu, gn::Stats* stats) {
   gn::check_args(x, num_groups, weight, bias, scale, shift, eps);
   const c10::cuda::CUDAGuard guard(x.device());
-  if (x.numel() == 0) return at::empty_like(x);
+  if (x.numel() == 0) {
+    if (stats) *stats = gn::empty_stats(x, num_groups, eps);
+    return at::empty_like(x);
+  }
   gn::Call call =
       gn::prepare_call(x, num_groups, weight, bias, scale, shift, eps, silu, /*in_place_params=*/true);
+  if (stats) {
+    *stats = gn::stats_buffers(x, num_groups);
+    call.p.mean_out = stats->mean.mutable_data_ptr<float>();
+    call.p.rstd_out = stats->rstd.mutable_data_ptr<float>();
+  }
   const Problem& p = call.p;
   gn::Layout& layout = call.layout;
   switch (x.scalar_type()) {
@@ -500,5 +459,6 @@ at::Tensor group_norm_scale_shift_cuda(const at::Tensor& x, int64_t num_groups,
 }  // namespace ddpm_fast
 
 TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) {
-  m.impl("group_norm_scale_shift", &ddpm_fast::group_norm_scale_shift_cuda);
+  m.impl("group_norm_scale_shift", &ddpm_fast::gn::forward_plain<&ddpm_fast::forward>);
+  m.impl("group_norm_scale_shift_stats", &ddpm_fast::gn::forward_stats<&ddpm_fast::forward>);
 }

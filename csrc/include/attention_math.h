@@ -51,6 +51,13 @@ DDPM_HD float online_softmax_weight(float s, float m_new) {
   return s == -INFINITY ? 0.0f : exp2f(s - m_new);
 }
 
+// The natural-log logsumexp of a row's logits z (= s / log2(e)) from its final online-softmax
+// state: sum exp(z) = 2^m * l, so lse = ln(2) * (m + log2(l)). Saved by the forward under autograd
+// (ddpm_fast::attention_lse); the backward recomputes P = exp2(s - lse * log2(e)) from it.
+DDPM_HD float online_softmax_lse(float m, float l) {
+  return (m + log2f(l)) * 0.6931471805599453f;
+}
+
 // Final normalisation of a row's accumulator: acc / l as acc * online_softmax_inverse(l), one
 // reciprocal per row. l >= 1 (the row max contributes exp2(0) = 1), so on the GPU the fast
 // reciprocal (__fdividef: MUFU.RCP, 2 ulp in this range) replaces IEEE division, whose slow-path
@@ -67,6 +74,19 @@ DDPM_HD float online_softmax_finish(float acc, float inv_l) {
   return acc * inv_l;
 }
 
+// (batch, head, tile) of block `block` of the CUDA kernels' 1-D grids, ordered
+// block = (batch * heads + head) * tiles + tile (consecutive blocks share one head's K and V).
+// 32-bit unsigned division (the grid is below 2^31 blocks): int64 division is a subroutine CALL,
+// whose register saves gave the scalar kernel a stack frame (issue 16).
+struct BlockCoords {
+  uint32_t batch, head, tile;
+};
+
+DDPM_HD BlockCoords split_block(uint32_t block, uint32_t tiles, uint32_t heads) {
+  const uint32_t batch_head = block / tiles;
+  return {batch_head / heads, batch_head % heads, block % tiles};
+}
+
 // Host-side checks of a direct torch.ops.ddpm_fast.attention call (the Python wrapper raises
 // ValueError first); shared by the CPU and CUDA kernels. Returns the head dim ch.
 inline int64_t check_qkv(c10::IntArrayRef sizes, c10::ScalarType dtype, int64_t num_heads) {
@@ -80,6 +100,22 @@ inline int64_t check_qkv(c10::IntArrayRef sizes, c10::ScalarType dtype, int64_t 
   DDPM_CHECK(channels % num_heads == 0, "attention: num_heads=", num_heads, " must divide C=",
              channels);
   return channels / num_heads;
+}
+
+// Host-side checks of a direct torch.ops.ddpm_fast.attention_backward call, after check_qkv:
+// grad_out and out (B, C, T), lse (B, heads, T) float32.
+inline void check_backward_args(c10::IntArrayRef grad_out, c10::IntArrayRef out, c10::IntArrayRef lse,
+                                c10::ScalarType lse_dtype, int64_t batch, int64_t channels, int64_t num_heads,
+                                int64_t length) {
+  const int64_t want_out[] = {batch, channels, length};
+  const int64_t want_lse[] = {batch, num_heads, length};
+  DDPM_CHECK(grad_out.equals(want_out), "attention_backward: grad_out must be (B, C, T) = ", c10::IntArrayRef(want_out),
+             ", got ", grad_out);
+  DDPM_CHECK(out.equals(want_out), "attention_backward: out must be (B, C, T) = ", c10::IntArrayRef(want_out),
+             ", got ", out);
+  DDPM_CHECK(lse.equals(want_lse), "attention_backward: lse must be (B, heads, T) = ", c10::IntArrayRef(want_lse),
+             ", got ", lse);
+  DDPM_CHECK(lse_dtype == c10::kFloat, "attention_backward: lse must be float32, got ", lse_dtype);
 }
 
 }  // namespace ddpm_fast::attention

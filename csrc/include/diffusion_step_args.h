@@ -1,5 +1,5 @@
-// Host-side argument checks and geometry of ddpm_fast::diffusion_step, shared by the CPU and CUDA
-// kernels (csrc/cpu/diffusion_step.cpp, csrc/cuda/diffusion_step.cu). User-facing checks with
+// Host-side argument checks and geometry of ddpm_fast::diffusion_step and its backward, shared by the
+// CPU and CUDA kernels (csrc/cpu/diffusion_step*.cpp, csrc/cuda/diffusion_step*.cu). User-facing checks with
 // ValueErrors live in ddpm_fast/ops/diffusion_step.py; these guard direct torch.ops calls.
 #pragma once
 
@@ -106,6 +106,14 @@ inline Geometry check_arguments(const at::Tensor& x, const at::Tensor& model_out
   options.eps_from_x0 = eps_from_x0;
   options.has_grad = guidance_grad.has_value();
   return g;
+}
+
+// ddpm_fast::diffusion_step_backward's extra arguments: the incoming gradients of x_prev and
+// pred_x0 (either may be absent: a zero gradient) must be shaped like x.
+inline void check_backward_arguments(const at::Tensor& x, const std::optional<at::Tensor>& grad_x_prev,
+                                     const std::optional<at::Tensor>& grad_x0) {
+  if (grad_x_prev.has_value()) check_like_x(x, *grad_x_prev, "grad_x_prev");
+  if (grad_x0.has_value()) check_like_x(x, *grad_x0, "grad_x0");
 }
 
 }  // namespace step

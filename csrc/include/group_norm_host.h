@@ -6,7 +6,10 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
+#include <cmath>
 #include <initializer_list>
+#include <tuple>
 #include <optional>
 
 #include "ddpm_fast_common.h"
@@ -130,6 +133,8 @@ struct Problem {
   bool silu, channels_last;
   const float *weight, *bias, *scale, *shift;  // (C,), (C,), (N, C), (N, C)
   Param weight_p, bias_p, scale_p, shift_p;     // the same (also set for fp32 copies)
+  float *mean_out = nullptr, *rstd_out = nullptr;  // (N, G): where the forward with statistics
+                                                   // writes them (nullptr: the plain forward)
 };
 
 // A parameter as a kernel that reads float/half/bfloat16 with strides takes it: other floating
@@ -195,6 +200,144 @@ inline Call prepare_call(const at::Tensor& x, int64_t num_groups,
   p.scale_p = param_of(call.scale);
   p.shift_p = param_of(call.shift);
   return call;
+}
+
+// ---- the statistics of the forward under autograd, and the backward ------------------------------
+
+// mean and rstd (N, G) fp32 as the forward with statistics returns them; for empty x the values
+// of an empty group (mean 0, rstd 1 / sqrt(eps)).
+struct Stats {
+  at::Tensor mean, rstd;
+};
+
+// (N, G) fp32 buffers for a kernel to fill.
+inline Stats stats_buffers(const at::Tensor& x, int64_t num_groups) {
+  const auto opts = x.options().dtype(at::kFloat);
+  return Stats{at::empty({x.size(0), num_groups}, opts), at::empty({x.size(0), num_groups}, opts)};
+}
+
+inline Stats empty_stats(const at::Tensor& x, int64_t num_groups, double eps) {
+  const auto opts = x.options().dtype(at::kFloat);
+  return Stats{at::zeros({x.size(0), num_groups}, opts),
+               at::full({x.size(0), num_groups}, 1.0 / std::sqrt(eps), opts)};
+}
+
+// Checks of the backward's own arguments (the rest as check_args); for direct calls of
+// torch.ops.ddpm_fast.group_norm_scale_shift_backward.
+inline void check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, int64_t num_groups,
+                                const at::Tensor& mean, const at::Tensor& rstd) {
+  DDPM_CHECK(grad_y.sizes().equals(x.sizes()) && grad_y.scalar_type() == x.scalar_type() &&
+                 grad_y.device() == x.device(),
+             "group_norm_scale_shift_backward: grad_y must be like x ", x.sizes(), " ",
+             x.scalar_type(), " on ", x.device(), ", got ", grad_y.sizes(), " ", grad_y.scalar_type(),
+             " on ", grad_y.device());
+  for (const auto* t : {&mean, &rstd}) {
+    const char* name = t == &mean ? "mean" : "rstd";
+    DDPM_CHECK(t->sizes().equals({x.size(0), num_groups}) && t->scalar_type() == at::kFloat &&
+                   t->device() == x.device(),
+               "group_norm_scale_shift_backward: ", name, " must be (N, num_groups) = (", x.size(0),
+               ", ", num_groups, ") float32 on ", x.device(), ", got ", t->sizes(), " ",
+               t->scalar_type(), " on ", t->device());
+  }
+}
+
+// grad_y as the kernels read it: laid out like the layout's input (NCHW-contiguous or
+// channels-last-dense).
+inline at::Tensor grad_like_input(const Layout& l, const at::Tensor& grad_y) {
+  if (!l.channels_last) return grad_y.contiguous();
+  if (is_channels_last_dense(grad_y)) return grad_y;
+  at::Tensor g = at::empty_like(l.input);
+  g.copy_(grad_y);
+  return g;
+}
+
+// The gradients the backward returns, in the order of its schema: dx (like x), dweight, dbias (C,),
+// dscale, dshift (N, C) in their parameter's dtype; an empty tensor where output_mask says no
+// (or the parameter is absent). The kernels accumulate the parameter gradients in fp32 buffers
+// (ParamGrads[kDweight..kDshift]; undefined where not wanted).
+enum GradIndex { kDx = 0, kDweight, kDbias, kDscale, kDshift, kGrads };
+
+using ParamGrads = std::array<at::Tensor, kGrads>;
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Whether gradient i is wanted: requested and its parameter present.
+inline std::array<bool, kGrads> wanted_grads(const std::array<bool, kGrads>& mask,
+                                             const std::optional<at::Tensor>& weight,
+                                             const std::optional<at::Tensor>& bias,
+                                             const std::optional<at::Tensor>& scale,
+                                             const std::optional<at::Tensor>& shift) {
+  return {mask[kDx], mask[kDweight] && weight.has_value(), mask[kDbias] && bias.has_value(),
+          mask[kDscale] && scale.has_value(), mask[kDshift] && shift.has_value()};
+}
+
+// fp32 buffers for the wanted parameter gradients, zero-filled (an empty x leaves them so).
+inline ParamGrads param_grad_buffers(const at::Tensor& x, const std::array<bool, kGrads>& want) {
+  ParamGrads g;
+  const auto opts = x.options().dtype(at::kFloat);
+  const int64_t n = x.size(0), c = x.size(1);
+  if (want[kDweight]) g[kDweight] = at::zeros({c}, opts);
+  if (want[kDbias]) g[kDbias] = at::zeros({c}, opts);
+  if (want[kDscale]) g[kDscale] = at::zeros({n, c}, opts);
+  if (want[kDshift]) g[kDshift] = at::zeros({n, c}, opts);
+  return g;
+}
+
+inline float* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<float>() : nullptr;
+}
+
+// The schema's 5-tuple: dx, then each parameter gradient cast to its parameter's dtype.
+inline Grads grads_tuple(const at::Tensor& x, at::Tensor dx, const ParamGrads& g,
+                         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift) {
+  const auto cast = [&](int i, const std::optional<at::Tensor>& p) {
+    if (!g[i].defined()) return at::empty({0}, x.options());
+    return g[i].to(p->scalar_type());
+  };
+  if (!dx.defined()) dx = at::empty({0}, x.options());
+  return {dx, cast(kDweight, weight), cast(kDbias, bias), cast(kDscale, scale), cast(kDshift, shift)};
+}
+
+// The common start of a backend's backward: the argument checks, the wanted gradients and their
+// fp32 buffers.
+struct BackwardStart {
+  std::array<bool, kGrads> want;
+  ParamGrads grads;
+};
+
+inline BackwardStart begin_backward(const at::Tensor& grad_y, const at::Tensor& x, int64_t num_groups,
+                                    const std::optional<at::Tensor>& weight,
+                                    const std::optional<at::Tensor>& bias,
+                                    const std::optional<at::Tensor>& scale,
+                                    const std::optional<at::Tensor>& shift, const at::Tensor& mean,
+                                    const at::Tensor& rstd, const std::array<bool, kGrads>& output_mask) {
+  check_args(x, num_groups, weight, bias, scale, shift, /*eps=*/1.0);
+  check_backward_args(grad_y, x, num_groups, mean, rstd);
+  const auto want = wanted_grads(output_mask, weight, bias, scale, shift);
+  return {want, param_grad_buffers(x, want)};
+}
+
+// The schema's entry points of a backend's forward kForward(x, ..., eps, silu, Stats* or nullptr):
+// the plain op and the op with statistics (y, mean, rstd).
+using ForwardFn = at::Tensor (*)(const at::Tensor&, int64_t, const std::optional<at::Tensor>&,
+                                 const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                 const std::optional<at::Tensor>&, double, bool, Stats*);
+
+template <ForwardFn kForward>
+at::Tensor forward_plain(const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
+                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                         const std::optional<at::Tensor>& shift, double eps, bool silu) {
+  return kForward(x, num_groups, weight, bias, scale, shift, eps, silu, nullptr);
+}
+
+template <ForwardFn kForward>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_stats(
+    const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& shift, double eps, bool silu) {
+  Stats stats;
+  at::Tensor y = kForward(x, num_groups, weight, bias, scale, shift, eps, silu, &stats);
+  return {y, stats.mean, stats.rstd};
 }
 
 }  // namespace gn

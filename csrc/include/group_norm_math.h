@@ -138,6 +138,12 @@ DDPM_HD ChannelAffine<T> channel_affine(T mean, T rstd, T weight, T bias, T scal
   return r;
 }
 
+// The CPU kernels' vector exp (group_norm_cpu_simd_begin.h and the AVX-512 SiLU): e^r ~ p(r) on
+// [-ln2/2, ln2/2], degree-4 minimax coefficients, highest degree first (relative error < 3e-6).
+constexpr float kExpPoly[5] = {0.041513849f, 0.167874739f, 0.50003016f, 0.99996686f, 1.0f};
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
+
 DDPM_HD float silu(float v) {
   return v / (1.0f + expf(-v));
 }
@@ -167,6 +173,88 @@ DDPM_HD float apply_element_as(float x, float a, float b, bool use_silu) {
   const float y = fmaf(a, x, b);
   if (!use_silu) return y;
   return kFast ? silu_fast(y) : silu(y);
+}
+
+// ---- backward ------------------------------------------------------------------------------------
+//
+// With xhat = (x - mean) * rstd, h = xhat * weight + bias, m = 1 + scale, z = h * m + shift (the
+// pre-SiLU output, recomputed as z = a * x + b with channel_affine's (a, b)) and y = SiLU(z) or z:
+//   dz          = dy * SiLU'(z)  (or dy),   SiLU'(z) = s (1 + z (1 - s)),  s = sigmoid(z)
+//   dshift[n,c] = sum_p dz                                   =: A[n,c]
+//   dscale[n,c] = sum_p dz * h = weight * B + bias * A,        B[n,c] := sum_p dz * xhat
+//   dbias[c]    = sum_n sum_p dz * m = sum_n m * A
+//   dweight[c]  = sum_n sum_p dz * m * xhat = sum_n m * B
+// and through the normalisation, with dxhat = dz * m * weight and the group means over its
+// K = (C/G) * pixels values, c1 = mean_g(dxhat) = sum_c m w A / K, c2 = mean_g(dxhat * xhat) =
+// sum_c m w B / K (the derivative of (x - mean) * rstd with mean and rstd depending on x):
+//   dx = rstd * (dxhat - c1 - xhat * c2)
+//      = alpha * dz + beta * (x - mean) + gamma,   alpha = rstd m w, beta = -rstd^2 c2, gamma = -rstd c1.
+// (x - mean) rather than x with a folded constant: with a large mean, beta * x + (gamma - beta *
+// mean) would cancel to ulp(beta * x).
+
+// SiLU'(z) = s + z s (1 - s), s = sigmoid(z); tends to 0 (z -> -inf) and 1 (z -> +inf). On the
+// GPU with the fast exp and division (a few ulp of fp32, far below the gradients' tolerance; and
+// no IEEE-division subroutine call, whose register saves would give the kernels a stack frame):
+// for z < -88 the divisor is inf and s = 0, as the exact form gives.
+DDPM_HD float silu_grad(float z) {
+#if defined(__CUDA_ARCH__)
+  const float s = __fdividef(1.0f, 1.0f + __expf(-z));
+#else
+  const float s = 1.0f / (1.0f + expf(-z));
+#endif
+  return s * (1.0f + z * (1.0f - s));
+}
+
+// d loss / d z of one element from d loss / d y, at z = a * x + b (the forward's fused map).
+DDPM_HD float dz_element(float x, float dy, float a, float b, bool use_silu) {
+  return use_silu ? dy * silu_grad(fmaf(a, x, b)) : dy;
+}
+
+// What one (n, c) contributes, from its sums A = sum_p dz and B = sum_p dz * xhat.
+template <typename T>
+struct ChannelGrads {
+  T dscale;    // (N, C) gradient of scale
+  T dshift;    // (N, C) gradient of shift
+  T dweight;   // m * B: summed over n, the gradient of weight
+  T dbias;     // m * A: summed over n, the gradient of bias
+  T dxhat;     // m * weight * A: summed over the group's channels, K * c1
+  T dxhat_x;   // m * weight * B: summed over the group's channels, K * c2
+};
+
+// Absent weight/bias/scale are passed as 1/0/0.
+template <typename T>
+DDPM_HD ChannelGrads<T> channel_grads(T A, T B, T weight, T bias, T scale) {
+  const T mod = T(1) + scale;
+  ChannelGrads<T> r;
+  r.dscale = weight * B + bias * A;
+  r.dshift = A;
+  r.dweight = mod * B;
+  r.dbias = mod * A;
+  r.dxhat = mod * weight * A;
+  r.dxhat_x = mod * weight * B;
+  return r;
+}
+
+// dx = alpha * dz + beta * (x - mean) + gamma of one (n, c): alpha per channel, beta and gamma
+// per group, from the group's sums of ChannelGrads::dxhat / dxhat_x over its `count` values.
+template <typename T>
+struct DxAffine {
+  T alpha, beta, gamma;
+};
+
+template <typename T>
+DDPM_HD DxAffine<T> dx_affine(T rstd, T weight, T scale, T sum_dxhat, T sum_dxhat_x, T count) {
+  const T inv = count > T(0) ? T(1) / count : T(0);
+  DxAffine<T> r;
+  r.alpha = rstd * (T(1) + scale) * weight;
+  r.beta = -rstd * rstd * sum_dxhat_x * inv;
+  r.gamma = -rstd * sum_dxhat * inv;
+  return r;
+}
+
+// dx of one element.
+DDPM_HD float dx_element(float x, float dz, float mean, float alpha, float beta, float gamma) {
+  return fmaf(alpha, dz, fmaf(beta, x - mean, gamma));
 }
 
 }  // namespace gn

@@ -1,4 +1,16 @@
-"""ops.attention: ADM self-attention read straight from the qkv conv's output, on every backend."""
+"""ops.attention: ADM self-attention read straight from the qkv conv's output, on every backend,
+differentiable on every backend.
+
+Autograd (issue 20): each kernel backend has three ops -- the plain forward, the forward that also
+returns the per-query logsumexp lse (B, heads, T) fp32, and the flash-attention backward
+(grad_out, qkv, out, lse) -> grad_qkv (B, 3C, T) written in qkv's layout:
+    C++ (CPU, CUDA):  ddpm_fast::attention, ::attention_lse, ::attention_backward
+    Triton:           ddpm_fast::attention_triton, ::attention_lse_triton, ::attention_backward_triton
+`register_attention_autograd` registers the same formula on both families: the lse op saves
+(qkv, out, lse) for its backward; the plain op (a direct torch.ops call with qkv requiring grad)
+saves (qkv, out) and recomputes lse with the lse op in its backward. Under autograd the public
+`attention` below calls the lse op; otherwise the plain forward, which stays as fast as before.
+"""
 from __future__ import annotations
 
 import torch
@@ -22,9 +34,10 @@ def attention(qkv: torch.Tensor, num_heads: int, layout: str = "legacy",
         num_heads: heads; must divide C. Head dim ch = C // num_heads.
         layout: "legacy" (per head [q, k, v] blocks, QKVAttentionLegacy) or "new"
             ([q | k | v], QKVAttention).
-        backend: "auto", "torch", "cpu", "cuda" or "triton". The kernels are forward-only:
-            when autograd records (grad mode on and qkv requires grad) the differentiable
-            reference (ddpm_fast.reference.attention) runs instead, whatever the backend.
+        backend: "auto", "torch", "cpu", "cuda" or "triton". Every backend is differentiable:
+            when autograd records (grad mode on and qkv requires grad) the kernel's forward also
+            saves the per-query logsumexp and the backward is the backend's fused
+            flash-attention backward kernel; "torch" is the reference, differentiated by autograd.
     Returns:
         (B, C, T) in qkv's dtype: softmax(q^T k / sqrt(ch)) v per head, softmax in fp32.
     """
@@ -47,15 +60,70 @@ def attention(qkv: torch.Tensor, num_heads: int, layout: str = "legacy",
     if chosen == "cuda" and width // 3 // num_heads > CUDA_MAX_HEAD_DIM:
         raise ValueError(f"backend='cuda' supports head dims C/num_heads up to {CUDA_MAX_HEAD_DIM}; "
                          f"got {width // 3 // num_heads} (use backend='triton' or 'torch')")
-    if chosen == "torch" or records_grad(qkv):
+    if chosen == "torch":
         return reference.attention(qkv, num_heads, layout)
+    legacy = layout == "legacy"
     if chosen == "triton":
-        return triton_module(OP).attention(qkv, num_heads, layout == "legacy")
-    return torch.ops.ddpm_fast.attention(qkv, num_heads, layout == "legacy")
+        return triton_module(OP).attention(qkv, num_heads, legacy)
+    if records_grad(qkv):
+        return torch.ops.ddpm_fast.attention_lse(qkv, num_heads, legacy)[0]
+    return torch.ops.ddpm_fast.attention(qkv, num_heads, legacy)
+
+
+def fake_out(qkv: torch.Tensor) -> torch.Tensor:
+    """The forward's output (B, C, T) for qkv (B, 3C, T), as a fake implementation returns it."""
+    b, width, t = qkv.shape
+    return qkv.new_empty((b, width // 3, t))
+
+
+def fake_lse(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The forward's logsumexp (B, heads, T) float32."""
+    return qkv.new_empty((qkv.shape[0], num_heads, qkv.shape[2]), dtype=torch.float32)
+
+
+def register_attention_autograd(plain, with_lse, backward) -> None:
+    """Registers autograd on one backend family's forward ops (torch.library.register_autograd).
+
+    plain(qkv, num_heads, legacy) -> out; with_lse(qkv, num_heads, legacy) -> (out, lse);
+    backward(grad_out, qkv, out, lse, num_heads, legacy) -> grad_qkv (B, 3C, T). lse is not
+    differentiable (its gradient is ignored); num_heads and legacy get None.
+    """
+    def setup_with_lse(ctx, inputs, output):
+        qkv, ctx.num_heads, ctx.legacy = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(qkv, out, lse)
+
+    def backward_with_lse(ctx, grad_out, _grad_lse):
+        qkv, out, lse = ctx.saved_tensors
+        return backward(grad_out, qkv, out, lse, ctx.num_heads, ctx.legacy), None, None
+
+    def setup_plain(ctx, inputs, output):
+        qkv, ctx.num_heads, ctx.legacy = inputs
+        ctx.save_for_backward(qkv, output)
+
+    def backward_plain(ctx, grad_out):
+        # The plain forward kept no statistics: one more forward pass gives lse (and, unused, out).
+        qkv, out = ctx.saved_tensors
+        lse = with_lse(qkv, ctx.num_heads, ctx.legacy)[1]
+        return backward(grad_out, qkv, out, lse, ctx.num_heads, ctx.legacy), None, None
+
+    torch.library.register_autograd(with_lse, backward_with_lse, setup_context=setup_with_lse)
+    torch.library.register_autograd(plain, backward_plain, setup_context=setup_plain)
 
 
 if extension()[0] is not None:
     @torch.library.register_fake("ddpm_fast::attention")
     def _fake(qkv, num_heads, legacy):
-        b, width, t = qkv.shape
-        return qkv.new_empty((b, width // 3, t))
+        return fake_out(qkv)
+
+    @torch.library.register_fake("ddpm_fast::attention_lse")
+    def _fake_lse(qkv, num_heads, legacy):
+        return fake_out(qkv), fake_lse(qkv, num_heads)
+
+    @torch.library.register_fake("ddpm_fast::attention_backward")
+    def _fake_backward(grad_out, qkv, out, lse, num_heads, legacy):
+        return qkv.new_empty(qkv.shape)
+
+    register_attention_autograd(torch.ops.ddpm_fast.attention.default, torch.ops.ddpm_fast.attention_lse.default,
+                                torch.ops.ddpm_fast.attention_backward.default)

@@ -77,10 +77,17 @@ def diffusion_step(x: torch.Tensor, model_output: torch.Tensor, coef: torch.Tens
             on every backend (torch.quantile, then the step in eager PyTorch), with the same
             noise.
         return_x0: also return pred_x0 (otherwise None, and the kernels do not write it).
-        backend: "auto", "torch", "cpu", "cuda" or "triton" (see ddpm_fast.backends()). The
-            kernels are forward-only: when autograd records (grad mode on and x, model_output,
-            coef, noise or guidance_grad requires grad) the differentiable reference step runs
-            instead, whatever the backend, with the same noise.
+        backend: "auto", "torch", "cpu", "cuda" or "triton" (see ddpm_fast.backends()).
+
+    Autograd: every kernel backend has a fused backward (ddpm_fast::diffusion_step_backward, its
+    Triton twin), registered with torch.library.register_autograd: gradients flow to x,
+    model_output (all its channels: the learned variance channels too) and guidance_grad from
+    either output (x_prev, pred_x0), with the reference's conventions (torch.clamp's subgradient
+    at the clips, the projection's normalisation differentiated, the noise -- given or drawn from
+    seed/step, redrawn by the backward -- a constant). coef and a given noise are not
+    differentiated by the kernels: when autograd records and coef or noise requires grad, the
+    differentiable reference step runs instead (with the same noise), so no gradient is dropped;
+    so does dynamic_threshold, and backend="torch" is the reference's own autograd.
     """
     check_tensor("x", x)
     if x.dim() < 2:
@@ -143,8 +150,7 @@ def diffusion_step(x: torch.Tensor, model_output: torch.Tensor, coef: torch.Tens
                              f"got {dynamic_threshold!r}")
 
     chosen = resolve(OP, backend, x.device)
-    if (chosen == "torch" or dynamic_threshold is not None
-            or records_grad(x, model_output, coef, noise, guidance_grad)):
+    if chosen == "torch" or dynamic_threshold is not None or records_grad(coef, noise):
         if seed is not None:
             noise = philox.philox_normal(seed, step, x.shape[1:])
         x_prev, x0 = reference.diffusion_step(
@@ -183,7 +189,56 @@ def draw_noise(seed: torch.Tensor, step, sample_shape, *, backend: str = "auto")
     return x_prev
 
 
+# ---- autograd of the fused ops: ddpm_fast::diffusion_step (C++) and diffusion_step_triton ---------
+def _setup_context(ctx, inputs, output):
+    """Saves the forward's inputs (the backward recomputes the step; nothing else is kept)."""
+    x, model_output, coef, noise, seed, step, guidance_grad, *options = inputs
+    ctx.save_for_backward(x, model_output, coef, noise, seed, step, guidance_grad)
+    ctx.options = tuple(options[:-1])  # method .. eps_from_x0 (return_x0 concerns the forward only)
+    ctx.set_materialize_grads(False)   # an output without a gradient is None, not a tensor of zeros
+
+
+def _make_backward(backward_op):
+    """The autograd backward of a forward op whose kernel backward is `backward_op`
+    (diffusion_step_backward's contract, csrc/ops.cpp)."""
+    def backward(ctx, grad_x_prev, grad_x0):
+        needs = ctx.needs_input_grad
+        if needs[2] or needs[3]:
+            raise RuntimeError("ddpm_fast::diffusion_step's fused backward treats coef and noise as constants "
+                               "but one of them requires grad; call ddpm_fast.ops.diffusion_step (which runs "
+                               "the differentiable reference then) or backend='torch'")
+        x = ctx.saved_tensors[0]
+        if grad_x0 is not None and grad_x0.shape != x.shape:  # return_x0=False: the empty placeholder
+            grad_x0 = None
+        grads = [None] * (7 + len(ctx.options) + 1)
+        if grad_x_prev is None and grad_x0 is None:
+            return tuple(grads)
+        grad_x, grad_mo, grad_guide = backward_op(grad_x_prev, grad_x0, *ctx.saved_tensors, *ctx.options)
+        grads[0] = grad_x if needs[0] else None
+        grads[1] = grad_mo if needs[1] else None
+        grads[6] = grad_guide if needs[6] else None
+        return tuple(grads)
+    return backward
+
+
+def register_autograd(forward_op: str, backward_op) -> None:
+    """Registers the fused backward `backward_op` as the autograd of `forward_op` (a name)."""
+    torch.library.register_autograd(forward_op, _make_backward(backward_op), setup_context=_setup_context)
+
+
+def fake_backward(grad_x_prev, grad_x0, x, model_output, coef, noise, seed, step, guidance_grad, method,
+                  prediction, variance, clip_denoised, noise_mode, project_noise, clip_lo, clip_hi, eps_from_x0):
+    """The fake (meta) implementation of diffusion_step_backward on every backend."""
+    guide = (torch.empty_like(guidance_grad, memory_format=torch.contiguous_format)
+             if guidance_grad is not None else x.new_empty((0,)))
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(model_output, memory_format=torch.contiguous_format), guide)
+
+
 if extension()[0] is not None:
+    register_autograd("ddpm_fast::diffusion_step", torch.ops.ddpm_fast.diffusion_step_backward)
+    torch.library.register_fake("ddpm_fast::diffusion_step_backward")(fake_backward)
+
     @torch.library.register_fake("ddpm_fast::diffusion_step")
     def _fake(x, model_output, coef, noise, seed, step, guidance_grad, method, prediction, variance,
               clip_denoised, noise_mode, project_noise, clip_lo, clip_hi, eps_from_x0, return_x0):
