@@ -585,6 +585,21 @@ def test_simt_cuda_backward_blocks_and_dtypes(simt_op, project_noise, dtype):
 
 
 @pytest.mark.simt
+@pytest.mark.parametrize("x_dtype,mo_dtype", [(torch.float32, torch.float16), (torch.bfloat16, torch.float32)],
+                         ids=str)
+def test_simt_cuda_backward_mixed_dtypes(simt_op, x_dtype, mo_dtype):
+    """model_output in another dtype than x: the float32 kernels on exact float32 copies, each
+    gradient back in its input's dtype."""
+    case = make_case(batch=2, channels=3, spatial=(6, 5), variance="learned_range", seed=45, dtype=x_dtype)
+    case["model_output"] = case["model_output"].to(mo_dtype)
+    opts = dict(method="ddpm", variance="learned_range", project_noise="sample", clip=(-1.0, 1.0), guided=True,
+                noise="drawn")
+    got = simt_grads(simt_op, case, opts)
+    assert got[0].dtype == x_dtype and got[1].dtype == mo_dtype and got[2].dtype == x_dtype
+    check(got, case, opts, opts)
+
+
+@pytest.mark.simt
 @pytest.mark.parametrize("project_noise", PROJECTIONS)
 def test_simt_cuda_backward_batch_chunks(simt_op, project_noise):
     """A batch beyond the grid's y limit (configured to 2): launches in chunks of samples."""

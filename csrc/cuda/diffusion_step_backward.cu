@@ -343,17 +343,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_step_backward_cuda(
   DDPM_CHECK(x.is_cuda(), "the CUDA kernel got x on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
 
-  const auto dtype = x.scalar_type();
+  // The kernels are instantiated for one storage type shared by x and model_output (every mixed pair
+  // would triple the device code and its compile time): a model_output of another dtype runs the
+  // float32 kernels on float32 copies, exactly (every storage dtype converts to float32 losslessly),
+  // and the gradients convert back to their inputs' dtypes below.
+  const auto dtype = model_output.scalar_type() == x.scalar_type() ? x.scalar_type() : at::kFloat;
   const auto like_x = [&](const std::optional<at::Tensor>& t) {
     return t.has_value() ? t->to(dtype).contiguous() : at::Tensor();
   };
-  const at::Tensor xc = x.contiguous(), moc = model_output.contiguous();
+  const at::Tensor xc = x.to(dtype).contiguous(), moc = model_output.to(dtype).contiguous();
   const at::Tensor coefc = coef.to(at::kFloat).contiguous();
   const at::Tensor noisec = like_x(noise), guidec = like_x(guidance_grad), gyc = like_x(grad_x_prev),
                    gx0c = like_x(grad_x0);
   const at::Tensor seedc = seed.has_value() ? seed->contiguous() : at::Tensor();
   p.read_var = p.o.method == step::kDdpm && step::learned_variance(p.o.variance);
-  at::Tensor gx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor gx = at::empty(x.sizes(), xc.options().memory_format(at::MemoryFormat::Contiguous));
   // the variance channels of model_output get 0 unless the kernel writes them (read_var)
   at::Tensor gmo = moc.size(1) != g.channels && !p.read_var ? at::zeros_like(moc) : at::empty_like(moc);
   at::Tensor gguide = guidance_grad.has_value() ? at::empty_like(gx) : at::empty({0}, x.options());
@@ -371,22 +375,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_step_backward_cuda(
   if (g.batch > 0 && g.numel > 0) {
     dispatch_float(dtype, [&](auto s_tag) {
       using S = decltype(s_tag);
-      dispatch_float(moc.scalar_type(), [&](auto m_tag) {
-        using M = decltype(m_tag);
-        const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<S>() : nullptr; };
-        const Tensors<S, M> t{xc.data_ptr<S>(),
-                              moc.data_ptr<M>(),
-                              ptr(noisec),
-                              ptr(guidec),
-                              ptr(gyc),
-                              ptr(gx0c),
-                              gx.data_ptr<S>(),
-                              gmo.data_ptr<M>(),
-                              guidance_grad.has_value() ? gguide.data_ptr<S>() : nullptr};
-        launch(t, p, g.batch, x);
-      });
+      const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<S>() : nullptr; };
+      const Tensors<S, S> t{xc.data_ptr<S>(),
+                            moc.data_ptr<S>(),
+                            ptr(noisec),
+                            ptr(guidec),
+                            ptr(gyc),
+                            ptr(gx0c),
+                            gx.data_ptr<S>(),
+                            gmo.data_ptr<S>(),
+                            guidance_grad.has_value() ? gguide.data_ptr<S>() : nullptr};
+      launch(t, p, g.batch, x);
     });
   }
+  gx = gx.to(x.scalar_type());
+  gmo = gmo.to(model_output.scalar_type());
   if (guidance_grad.has_value() && guidance_grad->scalar_type() != dtype) {
     gguide = gguide.to(guidance_grad->scalar_type());
   }
