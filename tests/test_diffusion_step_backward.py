@@ -588,7 +588,7 @@ def test_simt_cuda_backward_blocks_and_dtypes(simt_op, project_noise, dtype):
 @pytest.mark.parametrize("x_dtype,mo_dtype", [(torch.float32, torch.float16), (torch.bfloat16, torch.float32)],
                          ids=str)
 def test_simt_cuda_backward_mixed_dtypes(simt_op, x_dtype, mo_dtype):
-    """model_output in another dtype than x: the float32 kernels on exact float32 copies, each
+    """model_output in another dtype than x (the backward runs float32 kernels on exact float32 copies): each
     gradient back in its input's dtype."""
     case = make_case(batch=2, channels=3, spatial=(6, 5), variance="learned_range", seed=45, dtype=x_dtype)
     case["model_output"] = case["model_output"].to(mo_dtype)

@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "diffusion_step_args.h"
 #include "diffusion_step_cuda.h"
@@ -239,14 +240,20 @@ std::tuple<at::Tensor, at::Tensor> diffusion_step_cuda(
   DDPM_CHECK(x.is_cuda(), "the CUDA kernel got x on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
 
-  const auto dtype = x.scalar_type();
-  const at::Tensor xc = x.contiguous(), moc = model_output.contiguous();
+  // Kernels exist for x float32 with any model_output dtype (a float32 sampler state and an fp16 /
+  // bf16 model) and for x and model_output of one dtype; any other pair runs the float32 kernels
+  // on float32 copies, which gives the same bits (the kernels compute in float32 from the loaded
+  // values and round once when storing) with a fraction of the device code and compile time.
+  const bool native = model_output.scalar_type() == x.scalar_type() || x.scalar_type() == at::kFloat;
+  const auto dtype = native ? x.scalar_type() : at::kFloat;
+  const at::Tensor xc = x.to(dtype).contiguous(),
+                   moc = (native ? model_output : model_output.to(dtype)).contiguous();
   const at::Tensor coefc = coef.to(at::kFloat).contiguous();
   at::Tensor noisec, gradc, seedc;
   if (noise.has_value()) noisec = noise->to(dtype).contiguous();
   if (guidance_grad.has_value()) gradc = guidance_grad->to(dtype).contiguous();
   if (seed.has_value()) seedc = seed->contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = at::empty(x.sizes(), xc.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor x0 = return_x0 ? at::empty_like(out) : at::empty({0}, x.options());
 
   p.numel = g.numel;
@@ -259,11 +266,11 @@ std::tuple<at::Tensor, at::Tensor> diffusion_step_cuda(
   p.has_clip = clip_lo.has_value();
   p.clip_lo = p.has_clip ? static_cast<float>(*clip_lo) : 0.0f;
   p.clip_hi = p.has_clip ? static_cast<float>(*clip_hi) : 0.0f;
-  if (g.batch == 0 || g.numel == 0) return {out, x0};
+  if (g.batch == 0 || g.numel == 0) return {out.to(x.scalar_type()), x0.to(x.scalar_type())};
 
   dispatch_float(dtype, [&](auto s_tag) {
     using S = decltype(s_tag);
-    dispatch_float(moc.scalar_type(), [&](auto m_tag) {
+    const auto run = [&](auto m_tag) {
       using M = decltype(m_tag);
       const Tensors<S, M> t{xc.data_ptr<S>(),
                             moc.data_ptr<M>(),
@@ -272,9 +279,14 @@ std::tuple<at::Tensor, at::Tensor> diffusion_step_cuda(
                             out.data_ptr<S>(),
                             return_x0 ? x0.data_ptr<S>() : nullptr};
       launch(t, p, g.batch, x);
-    });
+    };
+    if constexpr (std::is_same_v<S, float>) {
+      dispatch_float(moc.scalar_type(), run);
+    } else {
+      run(S{});  // model_output has x's dtype here (see `native` above)
+    }
   });
-  return {out, x0};
+  return {out.to(x.scalar_type()), x0.to(x.scalar_type())};
 }
 
 }  // namespace
