@@ -5,7 +5,7 @@
   (both layouts) loads x with 128-bit loads (LDG.E.128), and the apply kernel stores y with 128-bit
   stores. Before issue 17 the channels-last statistics loaded one element at a time (LDG.E.U16 for
   fp16) and had no vector instantiation.
-* diffusion step: the apply pass of the sample projection (step_kernel<S, M, 2>) no longer reduces
+* diffusion step: the apply pass of the sample projection (step_kernel<2>) no longer reduces
   its sample's partial sums in every block (two block reductions, 4 barriers beside the one of the
   coefficient load); factor_kernel does it once per sample.
 
@@ -78,7 +78,7 @@ def test_group_norm_vector_kernels_use_128_bit_loads():
 
 
 def test_step_sample_projection_reduces_partials_once_per_sample():
-    apply = require_sass(sass_path(), "step_kernel<float, float, 2>")
+    apply = require_sass(sass_path(), "step_kernel<2>")
     if not apply:
         pytest.skip("no diffusion_step.cu kernels in this object")
     factor = require_sass(sass_path(), "factor_kernel")

@@ -15,8 +15,8 @@
 //     Recomputing reads the inputs twice but writes the outputs once, which is less traffic than
 //     storing x_new / x0 in pass 1 and rescaling them in pass 2. (Each apply block reducing all of
 //     its sample's partials itself made the work quadratic in the blocks per sample.)
-// x / outputs have dtype S, model_output dtype M (a U-Net may run in fp16 beside an fp32 x); given
-// noise and the guidance gradient are read in x's dtype.
+// x / outputs and model_output have their own storage dtypes, run-time kernel parameters (a U-Net
+// may run in fp16 beside an fp32 x); given noise and the guidance gradient are read in x's dtype.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -24,7 +24,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
 
 #include "diffusion_step_args.h"
 #include "diffusion_step_cuda.h"
@@ -58,32 +57,37 @@ struct Params {
   int64_t batch_offset;  // sample of blockIdx.y == 0 (of blockIdx.x == 0 in factor_kernel)
 };
 
-template <class S, class M>
+// The tensors of one launch, stored as `s` (x, noise, guidance gradient, outputs) and `m`
+// (model_output): run-time dtypes, one instantiation of each kernel for every pair.
 struct Tensors {
-  const S* x;
-  const M* model_output;
-  const S* noise;  // or null
-  const S* grad;   // or null
-  S* out;
-  S* x0;  // or null
+  const void* x;
+  const void* model_output;
+  const void* noise;  // or null
+  const void* grad;   // or null
+  void* out;
+  void* x0;  // or null
+  Storage s, m;
 };
 
 // The step of elements first .. first + 3 of sample b (any alignment), before projection and clip.
-template <class S, class M>
-__device__ __forceinline__ void step4(const Tensors<S, M>& t, const Params& p, const Coefs& k, int64_t b,
-                                      int64_t first, bool vector_io, float x_new[4], float x0[4], float x_det[4]) {
+__device__ __forceinline__ void step4(const Tensors& t, const Params& p, const Coefs& k, int64_t b, int64_t first,
+                                      bool vector_io, float x_new[4], float x0[4], float x_det[4]) {
   const Options& o = p.o;
   const int64_t n = p.numel;
   float x[4], pred[4], var[4] = {0.0f, 0.0f, 0.0f, 0.0f}, grad[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   float z[4];
-  load4(t.x + b * n, first, n, vector_io, x);
-  load4(t.model_output + b * p.mo_stride, first, n, vector_io, pred);
+  load4(t.x, t.s, b * n, first, n, vector_io, x);
+  load4(t.model_output, t.m, b * p.mo_stride, first, n, vector_io, pred);
   if (o.method == step::kDdpm && step::learned_variance(o.variance)) {
-    load4(t.model_output + b * p.mo_stride + n, first, n, vector_io, var);
+    load4(t.model_output, t.m, b * p.mo_stride + n, first, n, vector_io, var);
   }
-  if (o.has_grad) load4(t.grad + b * n, first, n, vector_io, grad);
+  if (o.has_grad) load4(t.grad, t.s, b * n, first, n, vector_io, grad);
   const bool has_noise = p.seed != nullptr || t.noise != nullptr;
-  noise4(p.seed, p.step, t.noise != nullptr ? t.noise + b * n : nullptr, b, first, n, vector_io, z);
+  if (p.seed == nullptr && t.noise != nullptr) {
+    load4(t.noise, t.s, b * n, first, n, vector_io, z);
+  } else {
+    noise4(p.seed, p.step, static_cast<const float*>(nullptr), b, first, n, vector_io, z);
+  }
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     const step::Values<float> v = step::step_element<float>(k, o, x[e], pred[e], var[e], grad[e]);
@@ -98,8 +102,8 @@ __device__ __forceinline__ float clip_value(const Params& p, float v) {
 }
 
 // No projection (kPlain), or the two passes of the sample projection (kStats, kApply).
-template <class S, class M, int kMode>
-__global__ void __launch_bounds__(kThreads) step_kernel(Tensors<S, M> t, Params p) {
+template <int kMode>
+__global__ void __launch_bounds__(kThreads) step_kernel(Tensors t, Params p) {
   __shared__ float shared[32];
   const int64_t b = p.batch_offset + blockIdx.y;
   const Coefs k = block_coefs(p.coef, b, shared);
@@ -124,8 +128,8 @@ __global__ void __launch_bounds__(kThreads) step_kernel(Tensors<S, M> t, Params 
       for (int e = 0; e < 4; ++e) {
         out[e] = clip_value(p, kMode == kApply ? x0[e] + factor * (x_new[e] - x0[e]) : x_new[e]);
       }
-      store4(t.out + base, first, p.numel, p.vector_io, out);
-      if (t.x0 != nullptr) store4(t.x0 + base, first, p.numel, p.vector_io, x0);
+      store4(t.out, t.s, base, first, p.numel, p.vector_io, out);
+      if (t.x0 != nullptr) store4(t.x0, t.s, base, first, p.numel, p.vector_io, x0);
     }
   }
   if (kMode == kStats) {
@@ -154,44 +158,52 @@ __global__ void __launch_bounds__(kThreads) factor_kernel(Params p) {
   if (threadIdx.x == 0) p.factor[b] = step::projection_factor(r2, l2);
 }
 
-// The pixel projection: a thread takes pixels first .. first + 3 and every channel of them.
-template <class S, class M>
-__global__ void __launch_bounds__(kThreads) pixel_kernel(Tensors<S, M> t, Params p) {
+// The pixel projection: a thread takes pixels first .. first + 3 and every channel of them, in
+// two passes over the channels (the norms, then the result, recomputing the step) that share one
+// loop body: the step's code is emitted once (two copies made the kernel ~340 KB of SASS that
+// spilled around the division's slow-path calls).
+__global__ void __launch_bounds__(kThreads) pixel_kernel(Tensors t, Params p) {
   __shared__ float shared[32];
   const int64_t b = p.batch_offset + blockIdx.y;
   const Coefs k = block_coefs(p.coef, b, shared);
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kPerThread;
   if (first >= p.pixels) return;
   const bool vector_io = p.vector_io && (p.pixels & 3) == 0;
-  float r2[4] = {0.0f, 0.0f, 0.0f, 0.0f}, l2[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  float x_new[4], x0[4], x_det[4];
-  for (int64_t c = 0; c < p.channels; ++c) {
-    step4(t, p, k, b, c * p.pixels + first, vector_io, x_new, x0, x_det);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      r2[e] += (x_det[e] - x0[e]) * (x_det[e] - x0[e]);
-      l2[e] += (x_new[e] - x0[e]) * (x_new[e] - x0[e]);
-    }
-  }
-  float factor[4];
-#pragma unroll
-  for (int e = 0; e < 4; ++e) factor[e] = step::projection_factor(r2[e], l2[e]);
   const int64_t last = p.pixels - first;  // elements of this run that exist in each channel
-  for (int64_t c = 0; c < p.channels; ++c) {
-    const int64_t offset = c * p.pixels + first;
-    step4(t, p, k, b, offset, vector_io, x_new, x0, x_det);
-    float out[4];
+  float r2[4] = {0.0f, 0.0f, 0.0f, 0.0f}, l2[4] = {0.0f, 0.0f, 0.0f, 0.0f}, factor[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 1
+  for (int pass = 0; pass < 2; ++pass) {
+#pragma unroll 1
+    for (int64_t c = 0; c < p.channels; ++c) {
+      const int64_t offset = c * p.pixels + first;
+      float x_new[4], x0[4], x_det[4];
+      step4(t, p, k, b, offset, vector_io, x_new, x0, x_det);
+      if (pass == 0) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) out[e] = clip_value(p, x0[e] + factor[e] * (x_new[e] - x0[e]));
-    // store4 bounds by the run's end: pixels of this channel only
-    store4(t.out + b * p.numel + offset, 0, last, vector_io, out);
-    if (t.x0 != nullptr) store4(t.x0 + b * p.numel + offset, 0, last, vector_io, x0);
+        for (int e = 0; e < 4; ++e) {
+          r2[e] += (x_det[e] - x0[e]) * (x_det[e] - x0[e]);
+          l2[e] += (x_new[e] - x0[e]) * (x_new[e] - x0[e]);
+        }
+      } else {
+        float out[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) out[e] = clip_value(p, x0[e] + factor[e] * (x_new[e] - x0[e]));
+        // bounded by the run's end: pixels of this channel only
+        store4(t.out, t.s, b * p.numel + offset, 0, last, vector_io, out);
+        if (t.x0 != nullptr) store4(t.x0, t.s, b * p.numel + offset, 0, last, vector_io, x0);
+      }
+    }
+    if (pass == 0) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) factor[e] = step::projection_factor(r2[e], l2[e]);
+    }
   }
 }
 
-template <class S, class M>
-void launch(const Tensors<S, M>& t, Params p, int64_t batch, const at::Tensor& x) {
-  const size_t pack = 4 * sizeof(S), pack_m = 4 * sizeof(M);
+size_t storage_bytes(Storage s) { return s == Storage::kFloat ? 4 : 2; }
+
+void launch(const Tensors& t, Params p, int64_t batch, const at::Tensor& x) {
+  const size_t pack = 4 * storage_bytes(t.s), pack_m = 4 * storage_bytes(t.m);
   p.vector_io = p.numel % 4 == 0 && aligned(t.x, pack) && aligned(t.out, pack) && aligned(t.model_output, pack_m) &&
                 (t.noise == nullptr || aligned(t.noise, pack)) && (t.grad == nullptr || aligned(t.grad, pack)) &&
                 (t.x0 == nullptr || aligned(t.x0, pack));
@@ -211,17 +223,17 @@ void launch(const Tensors<S, M>& t, Params p, int64_t batch, const at::Tensor& x
     p.batch_offset = b0;
     const dim3 grid(blocks, static_cast<unsigned>(std::min<int64_t>(max_grid_y, batch - b0)));
     if (p.o.projection == step::kProjectPixel) {
-      pixel_kernel<S, M><<<grid, kThreads, 0, stream>>>(t, p);
+      pixel_kernel<<<grid, kThreads, 0, stream>>>(t, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else if (p.o.projection == step::kProjectSample) {
-      step_kernel<S, M, kStats><<<grid, kThreads, 0, stream>>>(t, p);
+      step_kernel<kStats><<<grid, kThreads, 0, stream>>>(t, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       factor_kernel<<<grid.y, kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      step_kernel<S, M, kApply><<<grid, kThreads, 0, stream>>>(t, p);
+      step_kernel<kApply><<<grid, kThreads, 0, stream>>>(t, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      step_kernel<S, M, kPlain><<<grid, kThreads, 0, stream>>>(t, p);
+      step_kernel<kPlain><<<grid, kThreads, 0, stream>>>(t, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
@@ -240,20 +252,13 @@ std::tuple<at::Tensor, at::Tensor> diffusion_step_cuda(
   DDPM_CHECK(x.is_cuda(), "the CUDA kernel got x on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
 
-  // Kernels exist for x float32 with any model_output dtype (a float32 sampler state and an fp16 /
-  // bf16 model) and for x and model_output of one dtype; any other pair runs the float32 kernels
-  // on float32 copies, which gives the same bits (the kernels compute in float32 from the loaded
-  // values and round once when storing) with a fraction of the device code and compile time.
-  const bool native = model_output.scalar_type() == x.scalar_type() || x.scalar_type() == at::kFloat;
-  const auto dtype = native ? x.scalar_type() : at::kFloat;
-  const at::Tensor xc = x.to(dtype).contiguous(),
-                   moc = (native ? model_output : model_output.to(dtype)).contiguous();
+  const at::Tensor xc = x.contiguous(), moc = model_output.contiguous();
   const at::Tensor coefc = coef.to(at::kFloat).contiguous();
   at::Tensor noisec, gradc, seedc;
-  if (noise.has_value()) noisec = noise->to(dtype).contiguous();
-  if (guidance_grad.has_value()) gradc = guidance_grad->to(dtype).contiguous();
+  if (noise.has_value()) noisec = noise->to(x.scalar_type()).contiguous();
+  if (guidance_grad.has_value()) gradc = guidance_grad->to(x.scalar_type()).contiguous();
   if (seed.has_value()) seedc = seed->contiguous();
-  at::Tensor out = at::empty(x.sizes(), xc.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor x0 = return_x0 ? at::empty_like(out) : at::empty({0}, x.options());
 
   p.numel = g.numel;
@@ -266,27 +271,18 @@ std::tuple<at::Tensor, at::Tensor> diffusion_step_cuda(
   p.has_clip = clip_lo.has_value();
   p.clip_lo = p.has_clip ? static_cast<float>(*clip_lo) : 0.0f;
   p.clip_hi = p.has_clip ? static_cast<float>(*clip_hi) : 0.0f;
-  if (g.batch == 0 || g.numel == 0) return {out.to(x.scalar_type()), x0.to(x.scalar_type())};
+  if (g.batch == 0 || g.numel == 0) return {out, x0};
 
-  dispatch_float(dtype, [&](auto s_tag) {
-    using S = decltype(s_tag);
-    const auto run = [&](auto m_tag) {
-      using M = decltype(m_tag);
-      const Tensors<S, M> t{xc.data_ptr<S>(),
-                            moc.data_ptr<M>(),
-                            noise.has_value() ? noisec.data_ptr<S>() : nullptr,
-                            guidance_grad.has_value() ? gradc.data_ptr<S>() : nullptr,
-                            out.data_ptr<S>(),
-                            return_x0 ? x0.data_ptr<S>() : nullptr};
-      launch(t, p, g.batch, x);
-    };
-    if constexpr (std::is_same_v<S, float>) {
-      dispatch_float(moc.scalar_type(), run);
-    } else {
-      run(S{});  // model_output has x's dtype here (see `native` above)
-    }
-  });
-  return {out.to(x.scalar_type()), x0.to(x.scalar_type())};
+  const Tensors t{xc.data_ptr(),
+                  moc.data_ptr(),
+                  noise.has_value() ? noisec.data_ptr() : nullptr,
+                  guidance_grad.has_value() ? gradc.data_ptr() : nullptr,
+                  out.data_ptr(),
+                  return_x0 ? x0.data_ptr() : nullptr,
+                  storage_of(x.scalar_type()),
+                  storage_of(model_output.scalar_type())};
+  launch(t, p, g.batch, x);
+  return {out, x0};
 }
 
 }  // namespace

@@ -52,6 +52,54 @@ __device__ __forceinline__ void store4(T* p, int64_t i, int64_t n, bool vector_i
   }
 }
 
+// A storage dtype chosen at run time: the forward kernels take x's and model_output's dtypes as
+// kernel parameters (a warp-uniform branch per load or store) instead of template arguments, so
+// one instantiation serves every pair: the step's math is compiled once, not once per pair.
+enum class Storage : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
+
+inline Storage storage_of(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat:
+      return Storage::kFloat;
+    case at::kHalf:
+      return Storage::kHalf;
+    case at::kBFloat16:
+      return Storage::kBFloat16;
+    default:
+      DDPM_CHECK(false, "unsupported dtype ", type);
+  }
+  return Storage::kFloat;
+}
+
+// load4 / store4 of elements offset + i .. offset + i + 3 of `base`, stored as `s`.
+__device__ __forceinline__ void load4(const void* base, Storage s, int64_t offset, int64_t i, int64_t n,
+                                      bool vector_io, float v[4]) {
+  switch (s) {
+    case Storage::kHalf:
+      load4(static_cast<const at::Half*>(base) + offset, i, n, vector_io, v);
+      return;
+    case Storage::kBFloat16:
+      load4(static_cast<const at::BFloat16*>(base) + offset, i, n, vector_io, v);
+      return;
+    default:
+      load4(static_cast<const float*>(base) + offset, i, n, vector_io, v);
+  }
+}
+
+__device__ __forceinline__ void store4(void* base, Storage s, int64_t offset, int64_t i, int64_t n, bool vector_io,
+                                       const float v[4]) {
+  switch (s) {
+    case Storage::kHalf:
+      store4(static_cast<at::Half*>(base) + offset, i, n, vector_io, v);
+      return;
+    case Storage::kBFloat16:
+      store4(static_cast<at::BFloat16*>(base) + offset, i, n, vector_io, v);
+      return;
+    default:
+      store4(static_cast<float*>(base) + offset, i, n, vector_io, v);
+  }
+}
+
 // The noise of elements first .. first + 3 (any alignment) of sample b into z: drawn from
 // (seed[b], *step) when seed is not null, else read from `noise` (sample b's run of n elements,
 // zeros past n), else zeros.
