@@ -6,10 +6,11 @@ returns the per-query logsumexp lse (B, heads, T) fp32, and the flash-attention 
 (grad_out, qkv, out, lse) -> grad_qkv (B, 3C, T) written in qkv's layout:
     C++ (CPU, CUDA):  ddpm_fast::attention, ::attention_lse, ::attention_backward
     Triton:           ddpm_fast::attention_triton, ::attention_lse_triton, ::attention_backward_triton
-`register_attention_autograd` registers the same formula on both families: the lse op saves
-(qkv, out, lse) for its backward; the plain op (a direct torch.ops call with qkv requiring grad)
-saves (qkv, out) and recomputes lse with the lse op in its backward. Under autograd the public
-`attention` below calls the lse op; otherwise the plain forward, which stays as fast as before.
+The lse op saves (qkv, out, lse) for its backward. The C++ family's autograd is C++
+(csrc/autograd.cpp: no Python per call; a plain op called under autograd runs the lse forward);
+`register_attention_autograd` registers the same formula on the Triton family, whose plain op
+saves (qkv, out) and recomputes lse in its backward. Under autograd the public `attention` below
+calls the lse op; otherwise the plain forward, which stays as fast as before.
 """
 from __future__ import annotations
 
@@ -125,5 +126,4 @@ if extension()[0] is not None:
     def _fake_backward(grad_out, qkv, out, lse, num_heads, legacy):
         return qkv.new_empty(qkv.shape)
 
-    register_attention_autograd(torch.ops.ddpm_fast.attention.default, torch.ops.ddpm_fast.attention_lse.default,
-                                torch.ops.ddpm_fast.attention_backward.default)
+    # The C++ ops' autograd is registered in C++ (csrc/autograd.cpp): no Python on their path.

@@ -29,7 +29,8 @@ def group_norm_scale_shift(x: torch.Tensor, num_groups: int, weight: torch.Tenso
             kernel runs its forward with statistics (ddpm_fast::group_norm_scale_shift_stats[_triton],
             which also returns the group mean and rstd (N, num_groups) fp32) and gradients for x,
             weight, bias, scale and shift flow through the fused backward
-            (ddpm_fast::group_norm_scale_shift_backward[_triton]; see `register_autograd`);
+            (ddpm_fast::group_norm_scale_shift_backward[_triton]; registered in C++ for the C++ ops,
+            csrc/autograd.cpp, and by `register_autograd` below for the Triton ones);
             "torch" is the reference, differentiated by PyTorch. First-order only: the backward
             itself is not differentiable (no double backward).
     Returns:
@@ -106,9 +107,9 @@ def _setup_context_plain(ctx, inputs, output):
 
 
 def register_autograd(forward_op: str, stats_op, backward_op) -> None:
-    """Registers the fused backward for one backend family (the C++ ops, or the Triton ops).
+    """Registers the fused backward for the Triton ops (the C++ ops' is csrc/autograd.cpp).
 
-    forward_op: qualified name of the plain forward ("ddpm_fast::group_norm_scale_shift[_triton]");
+    forward_op: qualified name of the plain forward ("ddpm_fast::group_norm_scale_shift_triton");
     its stats variant (`stats_op`, the same name with _stats) saves mean/rstd and is what the public
     wrapper calls under autograd; a direct call of the plain op under autograd recomputes the
     statistics in its backward with `stats_op` (one more forward pass). backward_op: the callable
@@ -160,5 +161,4 @@ if extension()[0] is not None:
     def _fake_backward(grad_y, x, num_groups, weight, bias, scale, shift, mean, rstd, silu, output_mask):
         return grad_like(x, weight, bias, scale, shift, output_mask)
 
-    register_autograd("ddpm_fast::group_norm_scale_shift", torch.ops.ddpm_fast.group_norm_scale_shift_stats,
-                      torch.ops.ddpm_fast.group_norm_scale_shift_backward)
+    # The C++ ops' autograd is registered in C++ (csrc/autograd.cpp): no Python on their path.
