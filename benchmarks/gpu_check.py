@@ -20,9 +20,10 @@ a hard limit of budget x --slack, and its measured time printed:
                   HBM bandwidth, the step vs a copy of the same bytes; met / MISSED reported,
                   not gated; optional (skipped when the total budget is spent)
 
-The budgets are estimates made without a GPU. build: the long pole is the one device pass (sm_90)
-of csrc/cuda/diffusion_step.cu, about 8 CPU-minutes on the 2-core CI machine, taken as ~3 minutes
-on a 16-core GPU host's faster core (the other objects compile beside it). tests and bench: the
+The budgets are estimates made without a GPU. build: the long pole is the device pass of
+csrc/cuda/diffusion_step_backward.cu (~2 CPU-minutes per arch on the 2-core CI machine; the
+forward's, ~8 before its storage dtypes became run-time parameters, is ~1 now), well within the
+phase's budget on a 16-core GPU host (the other objects compile beside it). tests and bench: the
 count of `cuda` tests and benchmarks and their sizes (Triton's JIT compiles dominate the tests;
 the ADM-64 sample benchmarks time 10 steps, not 250). The first GPU run's summary gives the
 real times.

@@ -55,6 +55,7 @@ struct Params {
   float* sums;      // (B, 3) their per-sample totals
   int64_t blocks;   // blocks per sample (gridDim.x of the step kernels)
   int64_t batch_offset;  // sample of blockIdx.y == 0 (of blockIdx.x == 0 in sums_kernel)
+  int mode;              // backward_kernel's pass (Mode)
 };
 
 template <class S, class M>
@@ -138,14 +139,17 @@ __device__ __forceinline__ void backward4(const Tensors<S, M>& t, const Params& 
   if (t.gguide != nullptr) store4(t.gguide + base, 0, limit, vector_io, gguide);
 }
 
-// No projection (kPlain), or the passes of the sample projection (kStats, kSums, kApply).
-template <class S, class M, int kMode>
+// No projection (kPlain), or the passes of the sample projection (kStats, kSums, kApply): p.mode, a
+// run-time parameter (uniform over the grid, so the block reductions below are reached by every
+// thread or none): the step's forward and backward math is compiled once, not once per pass.
+template <class S, class M>
 __global__ void __launch_bounds__(kThreads) backward_kernel(Tensors<S, M> t, Params p) {
   __shared__ float shared[32];
+  const int mode = p.mode;
   const int64_t b = p.batch_offset + blockIdx.y;
   const Coefs k = block_coefs(p.coef, b, shared);
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kPerThread;
-  const float* sums = kMode == kPlain ? nullptr : p.sums + b * 3;
+  const float* sums = mode == kPlain ? nullptr : p.sums + b * 3;
   float r2 = 0.0f, l2 = 0.0f, s = 0.0f;
   if (first < p.numel) {
     const int64_t limit = p.numel - first;
@@ -153,15 +157,15 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Tensors<S, M> t, Par
     load_step4(t, p, k, b, first, limit, p.vector_io, v);
     float gy[4];
     load_grad4(t.gy, b * p.numel + first, limit, p.vector_io, gy);
-    if (kMode == kStats || kMode == kSums) {
-      const float factor = kMode == kSums ? step::projection_factor(sums[0], sums[1]) : 0.0f;
+    if (mode == kStats || mode == kSums) {
+      const float factor = mode == kSums ? step::projection_factor(sums[0], sums[1]) : 0.0f;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         if (e < limit) {
           const float d = v.x_det[e] - v.x0[e], ev = v.x_new[e] - v.x0[e];
           r2 += d * d;
           l2 += ev * ev;
-          if (kMode == kSums) {
+          if (mode == kSums) {
             s += clipped(p, v.x0[e] + factor * ev, gy[e]) * ev;
           } else if (!p.has_clip) {
             s += gy[e] * ev;
@@ -171,7 +175,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Tensors<S, M> t, Par
     } else {
       float g_new[4], g_det[4], g_x0[4];
       load_grad4(t.gx0, b * p.numel + first, limit, p.vector_io, g_x0);
-      if (kMode == kApply) {
+      if (mode == kApply) {
         const step::ProjectionGrad pg = step::projection_grad_coefs(sums[0], sums[1], sums[2]);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
@@ -193,10 +197,10 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Tensors<S, M> t, Par
       backward4(t, p, k, b, first, limit, p.vector_io, v, g_new, g_det, g_x0);
     }
   }
-  if (kMode == kStats || kMode == kSums) {
+  if (mode == kStats || mode == kSums) {
     s = block_sum(s, shared);
     float* slot = p.partial + (b * p.blocks + blockIdx.x) * 3;
-    if (kMode == kStats) {
+    if (mode == kStats) {
       r2 = block_sum(r2, shared);
       l2 = block_sum(l2, shared);
       if (threadIdx.x == 0) {
@@ -226,7 +230,9 @@ __global__ void __launch_bounds__(kThreads) sums_kernel(Params p) {
   }
 }
 
-// The pixel projection: a thread takes pixels first .. first + 3 and every channel of them.
+// The pixel projection: a thread takes pixels first .. first + 3 and every channel of them, in
+// three passes over the channels (the norms; S; the gradients) that share one loop body, so the
+// step's code is emitted once.
 template <class S, class M>
 __global__ void __launch_bounds__(kThreads) pixel_backward_kernel(Tensors<S, M> t, Params p) {
   __shared__ float shared[32];
@@ -236,50 +242,53 @@ __global__ void __launch_bounds__(kThreads) pixel_backward_kernel(Tensors<S, M> 
   if (first >= p.pixels) return;
   const bool vector_io = p.vector_io && (p.pixels & 3) == 0;
   const int64_t last = p.pixels - first;  // elements of this run that exist in each channel
-  Element4 v;
   float r2[4] = {0.0f, 0.0f, 0.0f, 0.0f}, l2[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for (int64_t c = 0; c < p.channels; ++c) {
-    load_step4(t, p, k, b, c * p.pixels + first, last, vector_io, v);
+  float factor[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  step::ProjectionGrad pg[4] = {};
+#pragma unroll 1
+  for (int pass = 0; pass < 3; ++pass) {
+#pragma unroll 1
+    for (int64_t c = 0; c < p.channels; ++c) {
+      const int64_t at = c * p.pixels + first;
+      Element4 v;
+      load_step4(t, p, k, b, at, last, vector_io, v);
+      if (pass == 0) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          r2[e] += (v.x_det[e] - v.x0[e]) * (v.x_det[e] - v.x0[e]);
+          l2[e] += (v.x_new[e] - v.x0[e]) * (v.x_new[e] - v.x0[e]);
+        }
+        continue;
+      }
+      float gy[4];
+      load_grad4(t.gy, b * p.numel + at, last, vector_io, gy);
+      if (pass == 1) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float ev = v.x_new[e] - v.x0[e];
+          s[e] += clipped(p, v.x0[e] + factor[e] * ev, gy[e]) * ev;
+        }
+        continue;
+      }
+      float g_new[4], g_det[4], g_x0[4];
+      load_grad4(t.gx0, b * p.numel + at, last, vector_io, g_x0);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float ev = v.x_new[e] - v.x0[e];
+        const step::ProjectedGrads<float> g = step::projection_backward(
+            pg[e].factor, pg[e].along_e, pg[e].along_d, clipped(p, v.x0[e] + pg[e].factor * ev, gy[e]), g_x0[e], ev,
+            v.x_det[e] - v.x0[e]);
+        g_new[e] = g.g_new;
+        g_det[e] = g.g_det;
+        g_x0[e] = g.g_x0;
+      }
+      backward4(t, p, k, b, at, last, vector_io, v, g_new, g_det, g_x0);
+    }
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      r2[e] += (v.x_det[e] - v.x0[e]) * (v.x_det[e] - v.x0[e]);
-      l2[e] += (v.x_new[e] - v.x0[e]) * (v.x_new[e] - v.x0[e]);
+      if (pass == 0) factor[e] = step::projection_factor(r2[e], l2[e]);
+      if (pass == 1) pg[e] = step::projection_grad_coefs(r2[e], l2[e], s[e]);
     }
-  }
-  float factor[4];
-#pragma unroll
-  for (int e = 0; e < 4; ++e) factor[e] = step::projection_factor(r2[e], l2[e]);
-  float gy[4];
-  for (int64_t c = 0; c < p.channels; ++c) {
-    const int64_t at = c * p.pixels + first;
-    load_step4(t, p, k, b, at, last, vector_io, v);
-    load_grad4(t.gy, b * p.numel + at, last, vector_io, gy);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float ev = v.x_new[e] - v.x0[e];
-      s[e] += clipped(p, v.x0[e] + factor[e] * ev, gy[e]) * ev;
-    }
-  }
-  step::ProjectionGrad pg[4];
-#pragma unroll
-  for (int e = 0; e < 4; ++e) pg[e] = step::projection_grad_coefs(r2[e], l2[e], s[e]);
-  for (int64_t c = 0; c < p.channels; ++c) {
-    const int64_t at = c * p.pixels + first;
-    load_step4(t, p, k, b, at, last, vector_io, v);
-    load_grad4(t.gy, b * p.numel + at, last, vector_io, gy);
-    float g_new[4], g_det[4], g_x0[4];
-    load_grad4(t.gx0, b * p.numel + at, last, vector_io, g_x0);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float ev = v.x_new[e] - v.x0[e];
-      const step::ProjectedGrads<float> g =
-          step::projection_backward(pg[e].factor, pg[e].along_e, pg[e].along_d,
-                                    clipped(p, v.x0[e] + pg[e].factor * ev, gy[e]), g_x0[e], ev, v.x_det[e] - v.x0[e]);
-      g_new[e] = g.g_new;
-      g_det[e] = g.g_det;
-      g_x0[e] = g.g_x0;
-    }
-    backward4(t, p, k, b, at, last, vector_io, v, g_new, g_det, g_x0);
   }
 }
 
@@ -309,20 +318,24 @@ void launch(const Tensors<S, M>& t, Params p, int64_t batch, const at::Tensor& x
       pixel_backward_kernel<S, M><<<grid, kThreads, 0, stream>>>(t, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else if (p.o.projection == step::kProjectSample) {
-      backward_kernel<S, M, kStats><<<grid, kThreads, 0, stream>>>(t, p);
+      p.mode = kStats;
+      backward_kernel<S, M><<<grid, kThreads, 0, stream>>>(t, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       sums_kernel<<<grid.y, kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (p.has_clip) {  // S again, through the clip's mask (it needs the factor of the sums above)
-        backward_kernel<S, M, kSums><<<grid, kThreads, 0, stream>>>(t, p);
+        p.mode = kSums;
+        backward_kernel<S, M><<<grid, kThreads, 0, stream>>>(t, p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         sums_kernel<<<grid.y, kThreads, 0, stream>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      backward_kernel<S, M, kApply><<<grid, kThreads, 0, stream>>>(t, p);
+      p.mode = kApply;
+      backward_kernel<S, M><<<grid, kThreads, 0, stream>>>(t, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      backward_kernel<S, M, kPlain><<<grid, kThreads, 0, stream>>>(t, p);
+      p.mode = kPlain;
+      backward_kernel<S, M><<<grid, kThreads, 0, stream>>>(t, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
