@@ -20,10 +20,9 @@ a hard limit of budget x --slack, and its measured time printed:
                   HBM bandwidth, the step vs a copy of the same bytes; met / MISSED reported,
                   not gated; optional (skipped when the total budget is spent)
 
-The budgets are estimates made without a GPU. build: the long pole is the device pass of
-csrc/cuda/diffusion_step_backward.cu (~2 CPU-minutes per arch on the 2-core CI machine; the
-forward's, ~8 before its storage dtypes became run-time parameters, is ~1 now), well within the
-phase's budget on a 16-core GPU host (the other objects compile beside it). tests and bench: the
+The budgets are estimates made without a GPU. build: the six .cu files take 40-85 s each for two
+archs on the 2-core CI machine (the step's took 4-8 minutes until their passes and storage dtypes
+became run-time kernel parameters), well within the phase's budget on a 16-core GPU host. tests and bench: the
 count of `cuda` tests and benchmarks and their sizes (Triton's JIT compiles dominate the tests;
 the ADM-64 sample benchmarks time 10 steps, not 250). The first GPU run's summary gives the
 real times.
