@@ -39,22 +39,9 @@ using step::Options;
 
 enum Mode : int { kPlain = 0, kStats = 1, kApply = 2 };
 
-struct Params {
-  Options o;
-  int64_t numel;      // elements of one sample
-  int64_t mo_stride;  // elements of one sample of model_output
-  int64_t pixels;
-  int64_t channels;
-  const float* coef;    // (B, kNumCoefs) float32
-  const int64_t* seed;  // (B,) or null
-  const int64_t* step;  // 0-dim, or null
-  bool has_clip;
-  float clip_lo, clip_hi;
-  bool vector_io;   // 4-element vector loads / stores are aligned
-  float* partial;   // (B, blocks, 2) partial sums of the sample projection
-  float* factor;    // (B,) its per-sample factors
-  int64_t blocks;   // blocks per sample (gridDim.x of the step kernels)
-  int64_t batch_offset;  // sample of blockIdx.y == 0 (of blockIdx.x == 0 in factor_kernel)
+struct Params : StepParams {
+  float* partial;  // (B, blocks, 2) partial sums of the sample projection
+  float* factor;   // (B,) its per-sample factors
 };
 
 // The tensors of one launch, stored as `s` (x, noise, guidance gradient, outputs) and `m`
@@ -208,20 +195,13 @@ void launch(const Tensors& t, Params p, int64_t batch, const at::Tensor& x) {
                 (t.noise == nullptr || aligned(t.noise, pack)) && (t.grad == nullptr || aligned(t.grad, pack)) &&
                 (t.x0 == nullptr || aligned(t.x0, pack));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  int max_grid_y = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_grid_y, cudaDevAttrMaxGridDimY, c10::cuda::current_device()));
-  const int64_t per_sample = (p.o.projection == step::kProjectPixel ? p.pixels : p.numel);
-  const unsigned blocks = static_cast<unsigned>((per_sample + kPerBlock - 1) / kPerBlock);
   at::Tensor partial;
   if (p.o.projection == step::kProjectSample) {
-    partial = at::empty({batch * (static_cast<int64_t>(blocks) * 2 + 1)}, x.options().dtype(at::kFloat));
+    partial = at::empty({batch * (p.blocks * 2 + 1)}, x.options().dtype(at::kFloat));
     p.partial = partial.data_ptr<float>();
-    p.factor = p.partial + batch * static_cast<int64_t>(blocks) * 2;
+    p.factor = p.partial + batch * p.blocks * 2;
   }
-  p.blocks = blocks;
-  for (int64_t b0 = 0; b0 < batch; b0 += max_grid_y) {  // samples on grid axis y, in chunks
-    p.batch_offset = b0;
-    const dim3 grid(blocks, static_cast<unsigned>(std::min<int64_t>(max_grid_y, batch - b0)));
+  for_each_batch_chunk(p, batch, [&](const dim3 grid) {
     if (p.o.projection == step::kProjectPixel) {
       pixel_kernel<<<grid, kThreads, 0, stream>>>(t, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -236,7 +216,7 @@ void launch(const Tensors& t, Params p, int64_t batch, const at::Tensor& x) {
       step_kernel<kPlain><<<grid, kThreads, 0, stream>>>(t, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-  }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> diffusion_step_cuda(
@@ -261,16 +241,7 @@ std::tuple<at::Tensor, at::Tensor> diffusion_step_cuda(
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor x0 = return_x0 ? at::empty_like(out) : at::empty({0}, x.options());
 
-  p.numel = g.numel;
-  p.mo_stride = g.mo_stride;
-  p.pixels = g.pixels;
-  p.channels = g.channels;
-  p.coef = coefc.data_ptr<float>();
-  p.seed = seed.has_value() ? seedc.data_ptr<int64_t>() : nullptr;
-  p.step = seed.has_value() ? step->data_ptr<int64_t>() : nullptr;
-  p.has_clip = clip_lo.has_value();
-  p.clip_lo = p.has_clip ? static_cast<float>(*clip_lo) : 0.0f;
-  p.clip_hi = p.has_clip ? static_cast<float>(*clip_hi) : 0.0f;
+  set_inputs(p, g, coefc, seedc, step, clip_lo, clip_hi);
   if (g.batch == 0 || g.numel == 0) return {out, x0};
 
   const Tensors t{xc.data_ptr(),

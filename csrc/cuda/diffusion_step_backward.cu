@@ -38,24 +38,11 @@ using step::Options;
 
 enum Mode : int { kPlain = 0, kStats = 1, kSums = 2, kApply = 3 };
 
-struct Params {
-  Options o;
-  int64_t numel;      // elements of one sample
-  int64_t mo_stride;  // elements of one sample of model_output
-  int64_t pixels;
-  int64_t channels;
-  const float* coef;    // (B, kNumCoefs) float32
-  const int64_t* seed;  // (B,) or null
-  const int64_t* step;  // 0-dim, or null
-  bool has_clip;
-  float clip_lo, clip_hi;
-  bool read_var;    // DDPM with a learned variance: model_output's variance channels are read
-  bool vector_io;   // 4-element vector loads / stores are aligned
-  float* partial;   // (B, blocks, 3) partial sums of the sample projection
-  float* sums;      // (B, 3) their per-sample totals
-  int64_t blocks;   // blocks per sample (gridDim.x of the step kernels)
-  int64_t batch_offset;  // sample of blockIdx.y == 0 (of blockIdx.x == 0 in sums_kernel)
-  int mode;              // backward_kernel's pass (Mode)
+struct Params : StepParams {
+  bool read_var;   // DDPM with a learned variance: model_output's variance channels are read
+  float* partial;  // (B, blocks, 3) partial sums of the sample projection
+  float* sums;     // (B, 3) their per-sample totals
+  int mode;        // backward_kernel's pass (Mode)
 };
 
 template <class S, class M>
@@ -300,20 +287,13 @@ void launch(const Tensors<S, M>& t, Params p, int64_t batch, const at::Tensor& x
                 (t.guide == nullptr || aligned(t.guide, pack)) && (t.gy == nullptr || aligned(t.gy, pack)) &&
                 (t.gx0 == nullptr || aligned(t.gx0, pack)) && (t.gguide == nullptr || aligned(t.gguide, pack));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  int max_grid_y = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_grid_y, cudaDevAttrMaxGridDimY, c10::cuda::current_device()));
-  const int64_t per_sample = (p.o.projection == step::kProjectPixel ? p.pixels : p.numel);
-  const unsigned blocks = static_cast<unsigned>((per_sample + kPerBlock - 1) / kPerBlock);
   at::Tensor partial;
   if (p.o.projection == step::kProjectSample) {
-    partial = at::empty({batch * (static_cast<int64_t>(blocks) + 1) * 3}, x.options().dtype(at::kFloat));
+    partial = at::empty({batch * (p.blocks + 1) * 3}, x.options().dtype(at::kFloat));
     p.partial = partial.data_ptr<float>();
-    p.sums = p.partial + batch * static_cast<int64_t>(blocks) * 3;
+    p.sums = p.partial + batch * p.blocks * 3;
   }
-  p.blocks = blocks;
-  for (int64_t b0 = 0; b0 < batch; b0 += max_grid_y) {  // samples on grid axis y, in chunks
-    p.batch_offset = b0;
-    const dim3 grid(blocks, static_cast<unsigned>(std::min<int64_t>(max_grid_y, batch - b0)));
+  for_each_batch_chunk(p, batch, [&](const dim3 grid) {
     if (p.o.projection == step::kProjectPixel) {
       pixel_backward_kernel<S, M><<<grid, kThreads, 0, stream>>>(t, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -338,7 +318,7 @@ void launch(const Tensors<S, M>& t, Params p, int64_t batch, const at::Tensor& x
       backward_kernel<S, M><<<grid, kThreads, 0, stream>>>(t, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-  }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_step_backward_cuda(
@@ -375,16 +355,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_step_backward_cuda(
   at::Tensor gmo = moc.size(1) != g.channels && !p.read_var ? at::zeros_like(moc) : at::empty_like(moc);
   at::Tensor gguide = guidance_grad.has_value() ? at::empty_like(gx) : at::empty({0}, x.options());
 
-  p.numel = g.numel;
-  p.mo_stride = g.mo_stride;
-  p.pixels = g.pixels;
-  p.channels = g.channels;
-  p.coef = coefc.data_ptr<float>();
-  p.seed = seed.has_value() ? seedc.data_ptr<int64_t>() : nullptr;
-  p.step = seed.has_value() ? step->data_ptr<int64_t>() : nullptr;
-  p.has_clip = clip_lo.has_value();
-  p.clip_lo = p.has_clip ? static_cast<float>(*clip_lo) : 0.0f;
-  p.clip_hi = p.has_clip ? static_cast<float>(*clip_hi) : 0.0f;
+  set_inputs(p, g, coefc, seedc, step, clip_lo, clip_hi);
   if (g.batch > 0 && g.numel > 0) {
     {
       using S = float;

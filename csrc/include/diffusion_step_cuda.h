@@ -5,9 +5,13 @@
 // shared memory is declared by the kernels and passed in.
 #pragma once
 
+// The including .cu file includes c10/cuda's CUDAException.h and CUDAStream.h (or, under the
+// SIMT harness, gets its stand-ins) before this header.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <optional>
 
 #include "diffusion_step_math.h"
 #include "philox.h"
@@ -18,6 +22,55 @@ namespace step_cuda {
 constexpr int kThreads = 256;
 constexpr int kPerThread = 4;  // elements per thread: one Philox block
 constexpr int kPerBlock = kThreads * kPerThread;
+
+// What the forward's and the backward's kernels share; each file's Params adds its own fields.
+struct StepParams {
+  step::Options o;    // set by step::check_arguments
+  int64_t numel;      // elements of one sample
+  int64_t mo_stride;  // elements of one sample of model_output
+  int64_t pixels;
+  int64_t channels;
+  const float* coef;    // (B, kNumCoefs) float32
+  const int64_t* seed;  // (B,) or null
+  const int64_t* step;  // 0-dim, or null
+  bool has_clip;
+  float clip_lo, clip_hi;
+  bool vector_io;        // 4-element vector loads / stores are aligned
+  int64_t blocks;        // blocks per sample (gridDim.x of the step kernels)
+  int64_t batch_offset;  // sample of blockIdx.y == 0 (of blockIdx.x == 0 in the per-sample kernels)
+};
+
+// The geometry and the per-sample inputs from the checked arguments: coef as float32 contiguous,
+// seed contiguous (undefined without one), step as given.
+inline void set_inputs(StepParams& p, const step::Geometry& g, const at::Tensor& coef, const at::Tensor& seed,
+                       const std::optional<at::Tensor>& step, std::optional<double> clip_lo,
+                       std::optional<double> clip_hi) {
+  p.numel = g.numel;
+  p.mo_stride = g.mo_stride;
+  p.pixels = g.pixels;
+  p.channels = g.channels;
+  p.coef = coef.data_ptr<float>();
+  p.seed = seed.defined() ? seed.data_ptr<int64_t>() : nullptr;
+  p.step = seed.defined() ? step->data_ptr<int64_t>() : nullptr;
+  p.has_clip = clip_lo.has_value();
+  p.clip_lo = p.has_clip ? static_cast<float>(*clip_lo) : 0.0f;
+  p.clip_hi = p.has_clip ? static_cast<float>(*clip_hi) : 0.0f;
+  // a pixel projection's thread takes 4 pixels of every channel, the other kernels 4 elements
+  const int64_t per_sample = p.o.projection == step::kProjectPixel ? p.pixels : p.numel;
+  p.blocks = (per_sample + kPerBlock - 1) / kPerBlock;
+}
+
+// launch(grid) once per chunk of at most the grid's y limit (queried) samples, with
+// p.batch_offset the chunk's first sample: grid = (p.blocks, samples of the chunk).
+template <class F>
+void for_each_batch_chunk(StepParams& p, int64_t batch, F&& launch) {
+  int max_grid_y = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_grid_y, cudaDevAttrMaxGridDimY, c10::cuda::current_device()));
+  for (int64_t b0 = 0; b0 < batch; b0 += max_grid_y) {
+    p.batch_offset = b0;
+    launch(dim3(static_cast<unsigned>(p.blocks), static_cast<unsigned>(std::min<int64_t>(max_grid_y, batch - b0))));
+  }
+}
 
 template <class T>
 struct alignas(sizeof(T) * 4) Pack4 {
