@@ -1,8 +1,10 @@
-// Device helpers of the CUDA kernels of ddpm_fast::diffusion_step and its backward
-// (csrc/cuda/diffusion_step.cu, diffusion_step_backward.cu): 4-element loads and stores in any
-// storage dtype, the noise of 4 elements (drawn in-kernel or given), block reductions, the
-// per-block coefficient load and the storage-dtype dispatch. CUDA only (included by .cu files);
-// shared memory is declared by the kernels and passed in.
+// What the CUDA kernels of ddpm_fast::diffusion_step and its backward share
+// (csrc/cuda/diffusion_step.cu, diffusion_step_backward.cu): the launch parameters common to both
+// (StepParams, set_inputs) and the per-chunk batch loop of their grids; device helpers: 4-element
+// loads and stores in any storage dtype (compile-time, or Storage at run time), the noise of 4
+// elements (drawn in-kernel or given), block reductions, the per-block coefficient load; the
+// storage-dtype dispatch. CUDA only (included by .cu files); shared memory is declared by the
+// kernels and passed in.
 #pragma once
 
 // The including .cu file includes c10/cuda's CUDAException.h and CUDAStream.h (or, under the
