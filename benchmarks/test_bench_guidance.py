@@ -24,6 +24,8 @@ from ddpm_fast.diffusion import reference_sample_loop
 from conftest import add_target
 
 QUICK = os.environ.get("DDPM_FAST_BENCH_QUICK") == "1"
+# The quick (CI) runs take the best of 6 rounds: at batch 4 a run is ~0.1 s, and with 3 rounds the
+# ratio ranged 0.90x-1.55x between runs on the shared 2-core machine (under the CI's 0.8x gate).
 STEPS = 3 if QUICK else 10
 BATCH = 4 if QUICK else 16
 
@@ -66,7 +68,7 @@ def test_classifier_guided_sampling_cpu(compare, benchmark):
             reference_sample_loop(model_ref, process, (BATCH, 1, 16, 16), class_labels=labels, cond_fn=ref_fn)
 
     speedup = compare(run_fused, run_ref, device="cpu", dtype=torch.float32, shape=(BATCH, 1, 16, 16),
-                      rounds=3 if QUICK else 5, warmup=1)
+                      rounds=6 if QUICK else 5, warmup=1)
     add_target(benchmark, "classifier-guided sampling, fused / reference ops (CPU)", speedup, 1.5, "min", issue=20)
 
 
@@ -82,7 +84,7 @@ def test_reconstruction_guided_inpainting_cpu(compare):
                                          seed=0, progress=False, backend=backend)
 
     compare(run(model, "auto"), run(model_ref, "torch"), device="cpu", dtype=torch.float32,
-            shape=(BATCH, 1, 16, 16), rounds=3 if QUICK else 5, warmup=1)
+            shape=(BATCH, 1, 16, 16), rounds=6 if QUICK else 5, warmup=1)
 
 
 def test_training_step_cpu(compare):
@@ -92,4 +94,4 @@ def test_training_step_cpu(compare):
     fused = T.Trainer(T.TrainConfig(**cfg), data=data, fused=True)
     ref = T.Trainer(T.TrainConfig(**cfg), data=data, fused=False)
     compare(fused.train_step, ref.train_step, device="cpu", dtype=torch.float32,
-            shape=(cfg["batch_size"], 1, 16, 16), rounds=3 if QUICK else 10, warmup=1)
+            shape=(cfg["batch_size"], 1, 16, 16), rounds=6 if QUICK else 10, warmup=1)
