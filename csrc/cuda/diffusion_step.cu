@@ -187,8 +187,6 @@ __global__ void __launch_bounds__(kThreads) pixel_kernel(Tensors t, Params p) {
   }
 }
 
-size_t storage_bytes(Storage s) { return s == Storage::kFloat ? 4 : 2; }
-
 void launch(const Tensors& t, Params p, int64_t batch, const at::Tensor& x) {
   const size_t pack = 4 * storage_bytes(t.s), pack_m = 4 * storage_bytes(t.m);
   p.vector_io = p.numel % 4 == 0 && aligned(t.x, pack) && aligned(t.out, pack) && aligned(t.model_output, pack_m) &&

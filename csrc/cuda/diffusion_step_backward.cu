@@ -357,20 +357,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_step_backward_cuda(
 
   set_inputs(p, g, coefc, seedc, step, clip_lo, clip_hi);
   if (g.batch > 0 && g.numel > 0) {
-    {
-      using S = float;
-      const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<S>() : nullptr; };
-      const Tensors<S, S> t{xc.data_ptr<S>(),
-                            moc.data_ptr<S>(),
-                            ptr(noisec),
-                            ptr(guidec),
-                            ptr(gyc),
-                            ptr(gx0c),
-                            gx.data_ptr<S>(),
-                            gmo.data_ptr<S>(),
-                            guidance_grad.has_value() ? gguide.data_ptr<S>() : nullptr};
-      launch(t, p, g.batch, x);
-    }
+    using S = float;
+    const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<S>() : nullptr; };
+    const Tensors<S, S> t{xc.data_ptr<S>(),
+                          moc.data_ptr<S>(),
+                          ptr(noisec),
+                          ptr(guidec),
+                          ptr(gyc),
+                          ptr(gx0c),
+                          gx.data_ptr<S>(),
+                          gmo.data_ptr<S>(),
+                          guidance_grad.has_value() ? gguide.data_ptr<S>() : nullptr};
+    launch(t, p, g.batch, x);
   }
   gx = gx.to(x.scalar_type());
   gmo = gmo.to(model_output.scalar_type());

@@ -2,9 +2,8 @@
 // (csrc/cuda/diffusion_step.cu, diffusion_step_backward.cu): the launch parameters common to both
 // (StepParams, set_inputs) and the per-chunk batch loop of their grids; device helpers: 4-element
 // loads and stores in any storage dtype (compile-time, or Storage at run time), the noise of 4
-// elements (drawn in-kernel or given), block reductions, the per-block coefficient load; the
-// storage-dtype dispatch. CUDA only (included by .cu files); shared memory is declared by the
-// kernels and passed in.
+// elements (drawn in-kernel or given), block reductions, the per-block coefficient load. CUDA
+// only (included by .cu files); shared memory is declared by the kernels and passed in.
 #pragma once
 
 // The including .cu file includes c10/cuda's CUDAException.h and CUDAStream.h (or, under the
@@ -126,6 +125,8 @@ inline Storage storage_of(at::ScalarType type) {
   return Storage::kFloat;
 }
 
+inline size_t storage_bytes(Storage s) { return s == Storage::kFloat ? 4 : 2; }
+
 // load4 / store4 of elements offset + i .. offset + i + 3 of `base`, stored as `s`.
 __device__ __forceinline__ void load4(const void* base, Storage s, int64_t offset, int64_t i, int64_t n,
                                       bool vector_io, float v[4]) {
@@ -197,24 +198,6 @@ __device__ __forceinline__ step::Coefs block_coefs(const float* coef, int64_t b,
   if (threadIdx.x < step::kNumCoefs) shared[threadIdx.x] = coef[b * step::kNumCoefs + threadIdx.x];
   __syncthreads();
   return step::load_coefs(shared);
-}
-
-// f(value of the C++ type of `type`) for the three storage dtypes (check_arguments admitted no other).
-template <class F>
-void dispatch_float(at::ScalarType type, F&& f) {
-  switch (type) {
-    case at::kFloat:
-      f(float{});
-      return;
-    case at::kHalf:
-      f(at::Half{});
-      return;
-    case at::kBFloat16:
-      f(at::BFloat16{});
-      return;
-    default:
-      DDPM_CHECK(false, "unsupported dtype ", type);
-  }
 }
 
 inline bool aligned(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
