@@ -33,6 +33,12 @@ TORCH_LIBRARY(ddpm_fast, m) {
   m.def(
       "attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, "
       "bool legacy) -> Tensor");
+  // A 3x3 convolution (stride 1, padding 1) of a channels_last float32 CPU image x (N, Cin, H, W)
+  // by Winograd's F(4x4, 3x3) (csrc/cpu/winograd_conv.cpp): weight is the transformed (36, Cin,
+  // Cout) float32 weight of ddpm_fast.fast_layers.winograd_weight, bias (Cout,), add (N, Cout, H,
+  // W) channels_last added to the output (a ResBlock's residual). Returns (N, Cout, H, W)
+  // channels_last. Equal to the direct convolution up to float rounding (larger: see the kernel).
+  m.def("winograd_conv3x3(Tensor x, Tensor weight, Tensor? bias, Tensor? add) -> Tensor");
   // One fused reverse diffusion step (ddpm_fast/reference.py diffusion_step is its definition):
   // coef (B, NUM_COEFS) float32 columns and the int option codes are in ddpm_fast/step_layout.py,
   // mirrored in csrc/include/diffusion_step_math.h. Noise: `noise` given, else drawn in-kernel

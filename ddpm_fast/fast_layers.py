@@ -8,6 +8,12 @@ gives conv(nearest_upsample_x2(x)), both equal to the plain computation up to fl
   (`torch.ops.mkldnn._convolution_pointwise`) with the weight reordered into oneDNN's blocked
   layout once per input shape instead of on every call, and `add` (a ResBlock's residual) fused
   into the convolution's output.
+- Float32 3x3 convolutions (stride 1, padding 1) with at least WINOGRAD_MIN_TILES 4x4 output
+  tiles run through Winograd's F(4x4, 3x3) (`ddpm_fast::winograd_conv3x3`, csrc/cpu/winograd_conv.cpp):
+  4x fewer multiply-adds in its GEMM, measured 1.5-2x faster than oneDNN's direct convolution at
+  a U-Net's 16x16 and 32x32 layers on one core. Its fp32 rounding errors are about 20x a direct
+  convolution's (relative ~1e-6 of the output's scale); `set_winograd(False)` or the environment
+  variable DDPM_FAST_WINOGRAD=0 keeps every convolution on oneDNN.
 - `up2`: a 3x3 conv (padding 1) of a nearest-upsampled image gives each of the four output
   phases (row parity a, column parity b) as a 2x2 conv of the small image with merged taps; all
   four are one 2x2 conv with 4x the output channels (padding 1), interleaved afterwards. That is
@@ -28,12 +34,22 @@ differentiable computation runs instead.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import _registry
+
 MAX_SHAPES = 4  # packed weights kept per conv (one per input shape seen last)
+WINOGRAD_MIN_TILES = 16  # fewer 4x4 output tiles than this (batch x tiles): oneDNN's direct conv is as fast
+WINOGRAD_MIN_CHANNELS = 16  # input and output channels; below, the GEMMs are too thin to pay for the transforms
+_winograd = os.environ.get("DDPM_FAST_WINOGRAD", "1") != "0"
+
+# Winograd F(4x4, 3x3) weight transform G (points 0, +-1, +-2, inf): U = G g G^T.
+_WINOGRAD_G = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                            [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64)
 
 # Merging the 3 kernel rows of a 3x3 conv into the 2 rows each output phase sees, for phase a
 # (the parity of the output row): rows of the small image i - 1 + a and i + a.
@@ -68,6 +84,31 @@ def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def _packable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return is_channels_last(x) and _onednn_ok(x, weight)
+
+
+def set_winograd(enabled: bool) -> bool:
+    """Turn the Winograd path of float32 3x3 convolutions on or off (process-wide; initially on
+    unless DDPM_FAST_WINOGRAD=0). Returns the previous setting."""
+    global _winograd
+    previous, _winograd = _winograd, bool(enabled)
+    return previous
+
+
+def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(O, I, 3, 3) conv weight -> the (36, I, O) float32 transformed weight U[a * 6 + b, i, o] =
+    (G g_oi G^T)[a, b] that ddpm_fast::winograd_conv3x3 takes; computed in float64."""
+    g = _WINOGRAD_G.to(weight.device)
+    u = torch.einsum("ak,oikl,bl->abio", g, weight.detach().to(torch.float64), g)
+    return u.reshape(36, weight.shape[1], weight.shape[0]).to(torch.float32).contiguous()
+
+
+def _winograd_ok(x: torch.Tensor, weight: torch.Tensor, padding, stride, dilation, groups: int) -> bool:
+    if not (_winograd and x.dtype == torch.float32 and weight.shape[2:] == (3, 3) and groups == 1
+            and tuple(padding) == (1, 1) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+            and min(weight.shape[0], weight.shape[1]) >= WINOGRAD_MIN_CHANNELS):
+        return False
+    tiles = x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4)
+    return tiles >= WINOGRAD_MIN_TILES and _registry.has_kernel("winograd_conv3x3", "CPU")
 
 
 def version_key(weight: torch.Tensor | None) -> tuple | None:
@@ -139,6 +180,13 @@ class FastConv:
         if not _packable(x, weight) or (add is not None and not (is_channels_last(add) and add.dtype == x.dtype)):
             out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
             return out if add is None else out.add_(add)
+        if kind == "conv" and _winograd_ok(x, weight, padding, stride, dilation, groups):
+            transformed = self._packed.get("winograd")
+            if transformed is None:
+                if len(self._packed) >= MAX_SHAPES:
+                    self._packed.clear()
+                transformed = self._packed["winograd"] = winograd_weight(weight)
+            return torch.ops.ddpm_fast.winograd_conv3x3(x, transformed, bias, add)
         key = (kind, tuple(x.shape))
         packed = self._packed.get(key)
         if packed is None:
@@ -214,3 +262,10 @@ class FastLinear:
         if add is None:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
         return torch.ops.mkldnn._linear_pointwise.binary(x, add, self._packed, bias, "add")
+
+
+if _registry.extension()[0] is not None:
+    @torch.library.register_fake("ddpm_fast::winograd_conv3x3")
+    def _fake_winograd_conv3x3(x, weight, bias, add):
+        return x.new_empty((x.shape[0], weight.shape[2], x.shape[2], x.shape[3])).contiguous(
+            memory_format=torch.channels_last)

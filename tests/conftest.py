@@ -11,6 +11,9 @@ convolutions), so a test comparing a model's outputs first gives it random weigh
 `randomize_weights` (or the `randomized` fixture).
 """
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -107,6 +110,19 @@ def expected_cpu_isa(cap: str | None = None) -> str | None:
     if cap != "baseline" and _X86_64_V3 <= flags:
         return "avx2"
     return "baseline"
+
+def run_under_cpu_isa(isa: str, body: str) -> None:
+    """Runs `body` (Python, dedented; the tests folder is on sys.path) in a fresh interpreter with
+    DDPM_FAST_CPU_ISA=isa (the kernels read it once per process), then asserts it finished and that
+    ddpm_fast._C ran the instruction set /proc/cpuinfo says it should under that cap."""
+    script = "import sys\nsys.path.insert(0, %r)\n" % os.path.dirname(__file__) + textwrap.dedent(body) + \
+        "\nimport ddpm_fast._C\nprint('ok', ddpm_fast._C.cpu_isa())\n"
+    env = {**os.environ, "DDPM_FAST_CPU_ISA": isa}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    status, ran = result.stdout.split()[-2:]
+    assert status == "ok" and ran == (expected_cpu_isa(isa) or ran), (isa, ran)
+
 
 
 def _runs_on_gpu(item) -> bool:

@@ -8,14 +8,10 @@ other options rotated; the CUDA kernel and Triton on a GPU in the tests marked `
 """
 import itertools
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import device_of, expected_cpu_isa
+from conftest import device_of, run_under_cpu_isa
 
 from ddpm_fast import backends, ops, philox, reference
 from ddpm_fast.ops.diffusion_step import draw_noise
@@ -674,9 +670,8 @@ def test_direct_op_calls_are_checked():
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_cpu_instruction_set_variants(isa):
     # the kernel picks its variant once per process: run a compact cross-check in a fresh one
-    script = textwrap.dedent("""
-        import itertools, sys, torch
-        sys.path.insert(0, %r)
+    run_under_cpu_isa(isa, """
+        import itertools, torch
         from test_diffusion_step import make_case, run_both, assert_step_equal
         import ddpm_fast._C
         from ddpm_fast import ops, philox, reference
@@ -693,13 +688,7 @@ def test_cpu_instruction_set_variants(isa):
             want = reference.diffusion_step(case["x"], case["model_output"], case["coef"], noise,
                                             method=method, variance=variance, project_noise=project_noise)
             assert_step_equal(got, want, inputs, project_noise)
-        print("ok", ddpm_fast._C.cpu_isa())
-    """ % os.path.dirname(__file__))
-    env = {**os.environ, "DDPM_FAST_CPU_ISA": isa}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    status, ran = result.stdout.split()
-    assert status == "ok" and ran == (expected_cpu_isa(isa) or ran), (isa, ran)
+    """)
 
 
 # ---- GPU -------------------------------------------------------------------------------------------------

@@ -18,14 +18,11 @@ import itertools
 import math
 import os
 import random
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import device_of, expected_cpu_isa
+from conftest import device_of, expected_cpu_isa, run_under_cpu_isa
 from test_diffusion_step import STEP_GRID, grid_id, kernel_backends, make_case
 
 from ddpm_fast import backends, ops, philox, reference
@@ -352,21 +349,13 @@ def test_cpu_backward_instruction_set_variants(isa):
     process: a compact cross-check in a fresh one; the default's variant runs in this process)."""
     if expected_cpu_isa(isa) is not None and expected_cpu_isa(isa) == expected_cpu_isa():
         pytest.skip(f"{isa} is this machine's default: the other tests run it")
-    script = textwrap.dedent("""
-        import sys
-        sys.path.insert(0, %r)
+    run_under_cpu_isa(isa, """
         import ddpm_fast._C
         import test_diffusion_step_backward as t
         for opts in t.COVERING:
             t.test_backward_covering_set("cpu", opts)
         t.test_cpu_backward_shapes_and_chunk_boundaries((33,), "pixel")
-        print("ok", ddpm_fast._C.cpu_isa())
-    """ % os.path.dirname(__file__))
-    env = {**os.environ, "DDPM_FAST_CPU_ISA": isa}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    status, ran = result.stdout.split()
-    assert status == "ok" and ran == (expected_cpu_isa(isa) or ran), (isa, ran)
+    """)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())

@@ -1,5 +1,6 @@
-"""ddpm_fast.fast_layers: prepacked oneDNN convs/linears and the phase form of upsample + conv equal
-the plain computations, follow weight changes, and step aside for autograd."""
+"""ddpm_fast.fast_layers: prepacked oneDNN convs/linears, the Winograd F(4x4, 3x3) convolution and
+the phase form of upsample + conv equal the plain computations, follow weight changes, and step
+aside for autograd."""
 import copy
 
 import pytest
@@ -7,7 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddpm_fast.fast_layers import FastConv, FastLinear, interleave_phases, upsample_phase_weights
+from ddpm_fast import fast_layers
+from ddpm_fast.fast_layers import FastConv, FastLinear, interleave_phases, upsample_phase_weights, winograd_weight
+from conftest import run_under_cpu_isa
 
 CL = torch.channels_last
 
@@ -116,3 +119,153 @@ def test_autograd_takes_the_plain_path():
     ref.backward()
     for got, want in zip(grads, (x2.grad, conv.weight.grad, lin.weight.grad)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+# ---- Winograd F(4x4, 3x3) ---------------------------------------------------------------------
+def winograd_case(batch, cin, cout, height, width, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cin, height, width, generator=gen).contiguous(memory_format=CL)
+    w = torch.randn(cout, cin, 3, 3, generator=gen) / (3 * cin ** 0.5)
+    b = torch.randn(cout, generator=gen)
+    add = torch.randn(batch, cout, height, width, generator=gen).contiguous(memory_format=CL)
+    return x, w, b, add
+
+
+def assert_winograd_close(got, want):
+    """Winograd's fp32 rounding: a few 1e-6 of the output's scale (a direct fp32 conv: ~5e-8)."""
+    scale = want.abs().max().item()
+    err = (got.double() - want).abs().max().item()
+    assert err <= 1e-5 * scale, (err, scale)
+
+
+def test_winograd_weight_is_g_g_gt():
+    """U[a * 6 + b, i, o] = (G g G^T)[a, b]: with g the 3x3 kernel, the 1-D identity
+    A^T ((G g) * (B^T d)) = correlation(d, g) holds for every 6-sample d (float64)."""
+    torch.manual_seed(0)
+    w = torch.randn(2, 3, 3, 3, dtype=torch.float64)
+    u = winograd_weight(w)
+    assert u.shape == (36, 3, 2) and u.dtype == torch.float32 and u.is_contiguous()
+    g = fast_layers._WINOGRAD_G
+    torch.testing.assert_close(u.double()[:, 1, 0].reshape(6, 6), g @ w[0, 1] @ g.T, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("batch,cin,cout,height,width", [
+    (1, 32, 16, 16, 16),    # whole tiles, lanes of 16
+    (2, 40, 24, 13, 18),    # partial tiles at the bottom and right; a scalar channel tail after the vectors
+    (3, 17, 5, 9, 7),       # a one-channel tail, fewer outputs than a vector
+    (1, 64, 48, 4, 4),      # one tile per image
+    (4, 128, 64, 32, 32),   # several chunks (> 2 MB of transformed input)
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_winograd_conv_matches_direct_conv(batch, cin, cout, height, width, threads):
+    x, w, b, add = winograd_case(batch, cin, cout, height, width)
+    want = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        u = winograd_weight(w)
+        plain = torch.ops.ddpm_fast.winograd_conv3x3(x, u, None, None)
+        biased = torch.ops.ddpm_fast.winograd_conv3x3(x, u, b, None)
+        added = torch.ops.ddpm_fast.winograd_conv3x3(x, u, b, add)
+    finally:
+        torch.set_num_threads(old)
+    for got in (plain, biased, added):
+        assert got.shape == (batch, cout, height, width) and got.dtype == torch.float32
+        assert got.is_contiguous(memory_format=CL)
+    assert_winograd_close(plain, want - b.double()[:, None, None])
+    assert_winograd_close(biased, want)
+    assert_winograd_close(added, want + add.double())
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_winograd_conv_isa_variants(isa):
+    """The AVX2 and baseline builds of the transforms (chosen at run time; this process runs the
+    widest the CPU has) give the same results."""
+    run_under_cpu_isa(isa, """
+        import torch, torch.nn.functional as F
+        import ddpm_fast
+        from ddpm_fast.fast_layers import winograd_weight
+        from test_fast_layers import winograd_case, assert_winograd_close
+        x, w, b, add = winograd_case(2, 40, 24, 13, 18)
+        got = torch.ops.ddpm_fast.winograd_conv3x3(x, winograd_weight(w), b, add)
+        assert_winograd_close(got, F.conv2d(x.double(), w.double(), b.double(), padding=1) + add.double())
+    """)
+
+
+def test_winograd_conv_bad_input_names_the_argument():
+    x, w, b, add = winograd_case(1, 16, 16, 8, 8)
+    u = winograd_weight(w)
+    op = torch.ops.ddpm_fast.winograd_conv3x3
+    cases = [
+        ((x.contiguous(), u, b, None), "x must be a 4-D channels_last"),
+        ((x.double().contiguous(memory_format=CL), u, b, None), "x must be float32"),
+        ((x, u[:, :8].contiguous(), b, None), "weight must be the contiguous float32 (36, Cin, Cout)"),
+        ((x, u.double(), b, None), "weight must be"),
+        ((x, u, b[:3], None), "bias must be a contiguous float32 (16,)"),
+        ((x, u, b, add[:, :, :4]), "add must have the output's shape"),
+        ((x, u, b, add.contiguous()), "add must be a 4-D channels_last"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            op(*args)
+
+
+def test_winograd_conv_opcheck():
+    x, w, b, add = winograd_case(2, 16, 16, 8, 8)
+    u = winograd_weight(w)
+    for args in ((x, u, b, add), (x, u, None, None)):
+        torch.library.opcheck(torch.ops.ddpm_fast.winograd_conv3x3, args,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def winograd_calls(fn) -> tuple[object, int]:
+    """fn()'s result and how many ddpm_fast::winograd_conv3x3 calls it made."""
+    calls = 0
+
+    class Count(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal calls
+            calls += func is torch.ops.ddpm_fast.winograd_conv3x3.default
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        out = fn()
+    return out, calls
+
+
+def test_fast_conv_takes_winograd_where_it_pays():
+    """FastConv runs eligible float32 3x3 convs (stride 1, padding 1, >= 16 channels, >= 16 output
+    tiles) through Winograd with the add fused, the rest on oneDNN, and none after
+    set_winograd(False)."""
+    torch.manual_seed(6)
+    conv = nn.Conv2d(32, 32, 3, padding=1).to(memory_format=CL)
+    down = nn.Conv2d(32, 32, 3, stride=2, padding=1).to(memory_format=CL)
+    thin = nn.Conv2d(32, 8, 3, padding=1).to(memory_format=CL)
+    x = torch.randn(1, 32, 16, 16).contiguous(memory_format=CL)   # 16 tiles
+    small = torch.randn(1, 32, 12, 12).contiguous(memory_format=CL)  # 9 tiles
+    add = torch.randn(1, 32, 16, 16).contiguous(memory_format=CL)
+    runner = FastConv()
+    with torch.no_grad():
+        want = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1) + add.double()
+        got, calls = winograd_calls(lambda: runner.conv(conv, x, add=add))
+        assert calls == 1
+        assert_winograd_close(got, want)
+        half = copy.deepcopy(conv).bfloat16()
+        for module, inp in ((down, x), (thin, x), (conv, small), (half, x.bfloat16())):
+            out, calls = winograd_calls(lambda: FastConv().conv(module, inp))
+            assert calls == 0
+            tol = 0.1 if inp.dtype == torch.bfloat16 else 1e-4
+            torch.testing.assert_close(out.float(), module(inp).float(), rtol=0, atol=tol)
+        previous = fast_layers.set_winograd(False)
+        try:
+            off, calls = winograd_calls(lambda: FastConv().conv(conv, x, add=add))
+        finally:
+            fast_layers.set_winograd(previous)
+        assert calls == 0
+        torch.testing.assert_close(off.double(), want, rtol=0, atol=1e-4)
+        # a weight change reaches the cached transformed weight
+        conv.weight.mul_(-0.5)
+        want = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+        again, calls = winograd_calls(lambda: runner.conv(conv, x))
+        assert calls == 1
+        assert_winograd_close(again, want)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import ddpm_fast
-from conftest import expected_cpu_isa
+from conftest import expected_cpu_isa, run_under_cpu_isa
 from ddpm_fast import ops, reference
 
 HAS_CPU_KERNEL = bool(ddpm_fast.backends()["cpu"])
@@ -573,14 +573,8 @@ def test_cpu_capped_instruction_sets(isa):
     default where the CPU has it): DDPM_FAST_CPU_ISA=avx2 runs the AVX2 apply, =baseline the
     composite ATen path; both against the reference, with SiLU, lengths that are not a multiple
     of the vector width, both layouts and extreme values."""
-    import os
-    import subprocess
-    import sys
-    import textwrap
-
-    script = textwrap.dedent("""
-        import sys, torch
-        sys.path.insert(0, %r)
+    run_under_cpu_isa(isa, """
+        import torch
         from test_group_norm_scale_shift import make_inputs, check, layout
         import ddpm_fast._C
         from ddpm_fast import ops
@@ -595,10 +589,4 @@ def test_cpu_capped_instruction_sets(isa):
                             20.0, -20.0, 9.0]]]).reshape(1, 1, 17)
         y = ops.group_norm_scale_shift(x, 1, silu=True, backend="cpu")
         check(y, x, 1, None, None, None, None, True)
-        print("ok", ddpm_fast._C.cpu_isa())
-    """ % os.path.dirname(__file__))
-    env = {**os.environ, "DDPM_FAST_CPU_ISA": isa}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    status, ran = result.stdout.split()
-    assert status == "ok" and ran == (expected_cpu_isa(isa) or ran), (isa, ran)
+    """)
