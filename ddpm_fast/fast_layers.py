@@ -26,10 +26,13 @@ gives conv(nearest_upsample_x2(x)), both equal to the plain computation up to fl
 these were measured on, oneDNN runs fp32 GEMMs at about twice the speed of the MKL sgemm behind
 F.linear.)
 
-All keep derived weights (packed or merged) in a cache rebuilt whenever a source tensor changes
-(the conv's weight or bias: data pointer, in-place version counter, dtype, device, layout); the caches are not part of any state_dict and
-start empty in copies. When autograd is recording for the weights or the input, the plain
-differentiable computation runs instead.
+All keep derived weights (packed, merged or transformed) in a cache rebuilt whenever a source
+tensor changes (the conv's weight or bias: data pointer, in-place version counter, dtype, device,
+layout); the caches are not part of any state_dict and start empty in copies. When autograd is
+recording for the weights or the input, the plain differentiable computation runs instead, except
+for the Winograd convolutions: they run under autograd too (`WinogradConv`: the input's gradient is
+the same Winograd convolution of the output's gradient with the flipped, transposed kernel; the
+weight's and bias's, when asked for, come from ATen's convolution_backward).
 """
 from __future__ import annotations
 
@@ -111,6 +114,59 @@ def _winograd_ok(x: torch.Tensor, weight: torch.Tensor, padding, stride, dilatio
     return tiles >= WINOGRAD_MIN_TILES and _registry.has_kernel("winograd_conv3x3", "CPU")
 
 
+def _winograd_autograd_ok(x: torch.Tensor, conv: nn.Conv2d, add: torch.Tensor | None) -> bool:
+    """The conditions of the Winograd path (CPU, channels_last, float32 throughout) for a call
+    under autograd, where FastConv._run's checks do not run."""
+    return (x.device.type == "cpu" and is_channels_last(x) and conv.weight.dtype == x.dtype
+            and (conv.bias is None or conv.bias.dtype == x.dtype) and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str)
+            and (add is None or (is_channels_last(add) and add.dtype == x.dtype and add.shape[1] == conv.out_channels))
+            and _winograd_ok(x, conv.weight, conv.padding, conv.stride, conv.dilation, conv.groups))
+
+
+def _backward_wants(ctx, index: int) -> bool:
+    """Whether this backward must compute the gradient of input `index`: it requires grad and the
+    running backward reaches it (torch.autograd.grad(logp, x) does not reach a classifier's weights,
+    though they require grad; the engine's own query, as torch.autograd.graph uses it)."""
+    if not ctx.needs_input_grad[index]:
+        return False
+    node = ctx.next_functions[index][0]
+    try:
+        return node is None or bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):  # no such query in this torch: compute it
+        return True
+
+
+class WinogradConv(torch.autograd.Function):
+    """conv3x3(x, weight) + bias [+ add] (stride 1, padding 1) by ddpm_fast::winograd_conv3x3, with
+    its backward: grad_x = the Winograd convolution of grad_y with the flipped, transposed kernel
+    (the transposed convolution of a stride-1, padding-1 3x3 conv), grad_weight / grad_bias from
+    ATen's convolution_backward (only those the running backward needs), grad_add = grad_y. `runner` (the
+    FastConv) holds both transformed weights. Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, add, runner):
+        ctx.save_for_backward(x, weight)
+        ctx.runner, ctx.has_bias = runner, bias is not None
+        return torch.ops.ddpm_fast.winograd_conv3x3(x, runner._winograd(weight, transposed=False), bias, add)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_x = grad_weight = grad_bias = None
+        if _backward_wants(ctx, 0):
+            grad_x = torch.ops.ddpm_fast.winograd_conv3x3(grad, ctx.runner._winograd(weight, transposed=True),
+                                                         None, None)
+        want_weight, want_bias = _backward_wants(ctx, 1), ctx.has_bias and _backward_wants(ctx, 2)
+        if want_weight or want_bias:
+            _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1], False,
+                [0, 0], 1, [False, want_weight, want_bias])
+        return grad_x, grad_weight, grad_bias, grad if ctx.needs_input_grad[3] else None, None
+
+
 def version_key(weight: torch.Tensor | None) -> tuple | None:
     """Identifies a tensor's current values: storage, in-place version (inference tensors have
     none: they cannot change outside inference mode), dtype, device, shape and strides (a
@@ -175,18 +231,26 @@ class FastConv:
         if key != self._source:
             self._source, self._packed, self._phase = key, {}, None
 
+    def _winograd(self, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+        """The cached Winograd weight of `weight` (the conv's, already _sync'ed), or, transposed,
+        that of its flipped, transposed kernel (for the input's gradient)."""
+        key = "winograd_t" if transposed else "winograd"
+        transformed = self._packed.get(key)
+        if transformed is None:
+            if len(self._packed) >= MAX_SHAPES:
+                self._packed.clear()
+            source = weight.detach()
+            transformed = self._packed[key] = winograd_weight(
+                source.flip(2, 3).transpose(0, 1) if transposed else source)
+        return transformed
+
     def _run(self, kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
              padding, stride, dilation, groups: int, add: torch.Tensor | None) -> torch.Tensor:
         if not _packable(x, weight) or (add is not None and not (is_channels_last(add) and add.dtype == x.dtype)):
             out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
             return out if add is None else out.add_(add)
         if kind == "conv" and _winograd_ok(x, weight, padding, stride, dilation, groups):
-            transformed = self._packed.get("winograd")
-            if transformed is None:
-                if len(self._packed) >= MAX_SHAPES:
-                    self._packed.clear()
-                transformed = self._packed["winograd"] = winograd_weight(weight)
-            return torch.ops.ddpm_fast.winograd_conv3x3(x, transformed, bias, add)
+            return torch.ops.ddpm_fast.winograd_conv3x3(x, self._winograd(weight, transposed=False), bias, add)
         key = (kind, tuple(x.shape))
         packed = self._packed.get(key)
         if packed is None:
@@ -202,6 +266,9 @@ class FastConv:
 
     def conv(self, conv: nn.Conv2d, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """conv(x) [+ add] (add shaped like the output)."""
+        if _records_grad(conv.weight, conv.bias, x, add) and _winograd_autograd_ok(x, conv, add):
+            self._sync(conv.weight, conv.bias)
+            return WinogradConv.apply(x, conv.weight, conv.bias, add, self)
         if _records_grad(conv.weight, conv.bias, x, add) or conv.padding_mode != "zeros" \
                 or isinstance(conv.padding, str):
             out = conv(x)

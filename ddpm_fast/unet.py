@@ -14,10 +14,12 @@ output. What differs is how it runs:
       cached until a weight changes);
     - the convolutions run through `ddpm_fast.fast_layers.FastConv`: on the CPU, for channels_last
       float32/bfloat16 inputs, oneDNN with weights prepacked once per input shape and each
-      ResBlock's residual add fused into its last convolution; nearest x2 upsampling followed by
-      a 3x3 conv (Upsample, up-ResBlocks) computed as one 2x2 conv of the small image with merged
-      taps (16 instead of 36 multiply-adds per pixel and channel pair). With autograd recording,
-      the plain differentiable path runs;
+      ResBlock's residual add fused into its last convolution; float32 3x3 convolutions with
+      enough 4x4 output tiles by Winograd F(4x4, 3x3) (csrc/cpu/winograd_conv.cpp, 4x fewer
+      multiply-adds, also under autograd); nearest x2 upsampling followed by a 3x3 conv
+      (Upsample, up-ResBlocks) computed as one 2x2 conv of the small image with merged taps (16
+      instead of 36 multiply-adds per pixel and channel pair). With autograd recording, the other
+      convolutions take the plain differentiable path;
 * channels_last is kept end to end (`model.to(memory_format=torch.channels_last)` and channels_last
   inputs); attention then works on the (B, T, C) view without transposing copies. On the CPU the
   fast path runs channels_last internally for NCHW inputs too (the result is returned NCHW).

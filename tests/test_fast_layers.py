@@ -269,3 +269,48 @@ def test_fast_conv_takes_winograd_where_it_pays():
         again, calls = winograd_calls(lambda: runner.conv(conv, x))
         assert calls == 1
         assert_winograd_close(again, want)
+
+
+def test_winograd_under_autograd_matches_plain_gradients():
+    """Under autograd an eligible conv runs WinogradConv: values and the gradients of x, weight,
+    bias and add equal the plain conv's (float64 oracle); torch.autograd.grad for x alone (the
+    classifier-guidance call) computes no weight gradient; double backward is refused."""
+    torch.manual_seed(7)
+    conv = nn.Conv2d(24, 32, 3, padding=1).to(memory_format=CL)
+    x = torch.randn(2, 24, 13, 18).contiguous(memory_format=CL).requires_grad_(True)
+    add = torch.randn(2, 32, 13, 18).contiguous(memory_format=CL).requires_grad_(True)
+    grad_y = torch.randn(2, 32, 13, 18)
+    runner = FastConv()
+    out, calls = winograd_calls(lambda: runner.conv(conv, x, add=add))
+    assert calls == 1 and out.grad_fn is not None and "WinogradConv" in type(out.grad_fn).__name__
+    grads = torch.autograd.grad(out, (x, conv.weight, conv.bias, add), grad_y)
+
+    x64, add64 = x.detach().double().requires_grad_(True), add.detach().double().requires_grad_(True)
+    w64, b64 = conv.weight.detach().double().requires_grad_(True), conv.bias.detach().double().requires_grad_(True)
+    want = F.conv2d(x64, w64, b64, padding=1) + add64
+    wants = torch.autograd.grad(want, (x64, w64, b64, add64), grad_y.double())
+    assert_winograd_close(out.detach(), want.detach())
+    for got, expect in zip(grads, wants):
+        assert got.shape == expect.shape
+        assert_winograd_close(got, expect)
+
+    seen = []
+
+    class Record(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    out = runner.conv(conv, x)
+    with Record():
+        (gx,) = torch.autograd.grad(out.square().sum(), x)
+    assert torch.ops.aten.convolution_backward.default not in seen
+    assert seen.count(torch.ops.ddpm_fast.winograd_conv3x3.default) == 1
+    x64 = x.detach().double().requires_grad_(True)
+    (want_gx,) = torch.autograd.grad(F.conv2d(x64, w64, b64, padding=1).square().sum(), x64)
+    assert_winograd_close(gx, want_gx)
+
+    out = runner.conv(conv, x)
+    (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|differentiable"):
+        gx.sum().backward()
