@@ -8,12 +8,17 @@ gives conv(nearest_upsample_x2(x)), both equal to the plain computation up to fl
   (`torch.ops.mkldnn._convolution_pointwise`) with the weight reordered into oneDNN's blocked
   layout once per input shape instead of on every call, and `add` (a ResBlock's residual) fused
   into the convolution's output.
-- Float32 3x3 convolutions (stride 1, padding 1) with at least WINOGRAD_MIN_TILES 4x4 output
-  tiles run through Winograd's F(4x4, 3x3) (`ddpm_fast::winograd_conv3x3`, csrc/cpu/winograd_conv.cpp):
-  4x fewer multiply-adds in its GEMM, measured 1.5-2x faster than oneDNN's direct convolution at
-  a U-Net's 16x16 and 32x32 layers on one core. Its fp32 rounding errors are about 20x a direct
-  convolution's (relative ~1e-6 of the output's scale); `set_winograd(False)` or the environment
-  variable DDPM_FAST_WINOGRAD=0 keeps every convolution on oneDNN.
+- Float32 3x3 convolutions (stride 1, padding 1, >= 16 input and output channels) with at least
+  WINOGRAD_MIN_TILES 4x4 output tiles (batch x tiles per image) run through Winograd's F(4x4, 3x3)
+  (`ddpm_fast::winograd_conv3x3`, csrc/cpu/winograd_conv.cpp): 4x fewer multiply-adds, measured
+  2-3x faster than oneDNN's direct convolution at a U-Net's 16x16 and 32x32 layers on one core of
+  this project's AVX-512 CPU (its own GEMM needs AVX-512 and Cout % 16 == 0; elsewhere BLAS's
+  batched GEMM, 1.5-2x). Costs: the transformed weight holds 36 instead of 9 values per kernel
+  (4x the conv weight's memory, cached per conv, twice under autograd), and fp32 rounding errors
+  about 20x a direct convolution's (relative ~1e-6 of the output's scale). `set_winograd(False)`
+  or the environment variable DDPM_FAST_WINOGRAD=0 keeps every convolution on oneDNN. (Fewer
+  tiles than 16 lose at the network level: the transformed weights then stream from memory for
+  too little work.)
 - `up2`: a 3x3 conv (padding 1) of a nearest-upsampled image gives each of the four output
   phases (row parity a, column parity b) as a 2x2 conv of the small image with merged taps; all
   four are one 2x2 conv with 4x the output channels (padding 1), interleaved afterwards. That is
