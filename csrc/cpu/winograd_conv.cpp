@@ -69,6 +69,11 @@ constexpr int64_t kChunkFloats = 1 << 19;
     r[3] = d12 + 8.0f * d34 + m5;                                 \
   } while (0)
 
+// Floats between the matrices of consecutive points in the chunk buffers (36 matrices of `rows`
+// x `cols`): the size plus 16 floats, so that the transforms' 36 concurrent row streams do not
+// share cache sets (with power-of-two sizes they all did: 32 KB apart at 256 tiles x 32 channels).
+inline int64_t point_stride(int64_t rows, int64_t cols) { return rows * cols + 16; }
+
 struct Geometry {
   int64_t batch, height, width, cin, cout, tiles_h, tiles_w, tiles;
 };
@@ -174,7 +179,8 @@ DDPM_WINO_INLINE void input_transform(const Args& a, int64_t t0, int64_t count, 
         src[p * 6 + q] = inside ? a.x + ((n * g.height + r) * g.width + s) * g.cin : a.zeros;
       }
     }
-    for (int k = 0; k < kPoints; ++k) dst[k] = v + (k * count + i) * g.cin;
+    const int64_t stride = point_stride(count, g.cin);
+    for (int k = 0; k < kPoints; ++k) dst[k] = v + k * stride + i * g.cin;
     int64_t c = 0;
     for (; c + L <= g.cin; c += L) input_block<typename Lanes<L>::type>(src, dst, c);
     for (; c < g.cin; ++c) input_block<float>(src, dst, c);
@@ -199,7 +205,8 @@ DDPM_WINO_INLINE void output_transform(const Args& a, int64_t t0, int64_t count,
         add[p * 4 + q] = inside && a.add ? a.add + offset : nullptr;
       }
     }
-    for (int k = 0; k < kPoints; ++k) rows[k] = m + (k * count + i) * g.cout;
+    const int64_t stride = point_stride(count, g.cout);
+    for (int k = 0; k < kPoints; ++k) rows[k] = m + k * stride + i * g.cout;
     int64_t c = 0;
     for (; c + L <= g.cout; c += L) output_block<typename Lanes<L>::type>(rows, out, add, a.bias, c);
     for (; c < g.cout; ++c) output_block<float>(rows, out, add, a.bias, c);
@@ -287,9 +294,9 @@ __attribute__((target("arch=x86-64-v4,prefer-vector-width=512"))) void gemm_colu
 // count, Cout).
 void gemm36_avx512(const float* v, const float* u, float* m, int64_t count, int64_t cin, int64_t cout) {
   for (int k = 0; k < kPoints; ++k) {
-    const float* a = v + k * count * cin;
+    const float* a = v + k * point_stride(count, cin);
     const float* b = u + k * cin * cout;
-    float* c = m + k * count * cout;
+    float* c = m + k * point_stride(count, cout);
     int64_t n = 0;
     for (; n + 32 <= cout; n += 32) gemm_columns<2>(a, b + n, c + n, count, cin, cin, cout, cout);
     if (n < cout) gemm_columns<1>(a, b + n, c + n, count, cin, cin, cout, cout);  // cout % 32 == 16
@@ -365,12 +372,13 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, c
   const int64_t chunks = (g.tiles + per_chunk - 1) / per_chunk;
   per_chunk = (g.tiles + chunks - 1) / chunks;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    float* v_buf = scratch(kPoints * per_chunk * (g.cin + g.cout));
-    float* m_buf = v_buf + kPoints * per_chunk * g.cin;
+    float* v_buf = scratch(kPoints * (point_stride(per_chunk, g.cin) + point_stride(per_chunk, g.cout)));
+    float* m_buf = v_buf + kPoints * point_stride(per_chunk, g.cin);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t t0 = chunk * per_chunk, count = std::min(per_chunk, g.tiles - t0);
-      at::Tensor v = at::from_blob(v_buf, {kPoints, count, g.cin}, x.options());
-      at::Tensor m = at::from_blob(m_buf, {kPoints, count, g.cout}, x.options());
+      at::Tensor v = at::from_blob(v_buf, {kPoints, count, g.cin}, {point_stride(count, g.cin), g.cin, 1}, x.options());
+      at::Tensor m = at::from_blob(m_buf, {kPoints, count, g.cout}, {point_stride(count, g.cout), g.cout, 1},
+                                   x.options());
       input(a, t0, count, v_buf);
       if (own_gemm) {
         gemm36_avx512(v_buf, weight.data_ptr<float>(), m_buf, count, g.cin, g.cout);
