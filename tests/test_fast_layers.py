@@ -198,6 +198,7 @@ def test_winograd_conv_bad_input_names_the_argument():
     op = torch.ops.ddpm_fast.winograd_conv3x3
     cases = [
         ((x.contiguous(), u, b, None), "x must be a 4-D channels_last"),
+        ((x[:, :0].contiguous(memory_format=CL), u[:, :0].contiguous(), b, None), "x must have at least one channel"),
         ((x.double().contiguous(memory_format=CL), u, b, None), "x must be float32"),
         ((x, u[:, :8].contiguous(), b, None), "weight must be the contiguous float32 (36, Cin, Cout)"),
         ((x, u.double(), b, None), "weight must be"),

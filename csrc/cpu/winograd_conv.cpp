@@ -318,6 +318,7 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, c
                   weight.size(0) == kPoints && weight.size(1) == x.size(1) && weight.is_contiguous(),
               "winograd_conv3x3: weight must be the contiguous float32 (36, Cin, Cout) transformed weight with Cin = ",
               x.size(1), " (ddpm_fast.fast_layers.winograd_weight), got ", weight.scalar_type(), " ", weight.sizes());
+  TORCH_CHECK(x.size(1) > 0, "winograd_conv3x3: x must have at least one channel, got shape ", x.sizes());
   Geometry g{};
   g.batch = x.size(0);
   g.cin = x.size(1);
