@@ -35,7 +35,8 @@ TORCH_LIBRARY(ddpm_fast, m) {
       "bool legacy) -> Tensor");
   // A 3x3 convolution (stride 1, padding 1) of a channels_last float32 CPU image x (N, Cin, H, W)
   // by Winograd's F(4x4, 3x3) (csrc/cpu/winograd_conv.cpp): weight is the transformed (36, Cin,
-  // Cout) float32 weight of ddpm_fast.fast_layers.winograd_weight, bias (Cout,), add (N, Cout, H,
+  // Cout) float32 weight of ddpm_fast.fast_layers.winograd_weight (or, with AVX-512, its (36,
+  // Cout / 16, Cin, 16) column panels, fast_layers.winograd_panels), bias (Cout,), add (N, Cout, H,
   // W) channels_last added to the output (a ResBlock's residual). Returns (N, Cout, H, W)
   // channels_last. Equal to the direct convolution up to float rounding (larger: see the kernel).
   m.def("winograd_conv3x3(Tensor x, Tensor weight, Tensor? bias, Tensor? add) -> Tensor");

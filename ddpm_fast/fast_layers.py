@@ -110,6 +110,18 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
     return u.reshape(36, weight.shape[1], weight.shape[0]).to(torch.float32).contiguous()
 
 
+def winograd_panels(u: torch.Tensor) -> torch.Tensor:
+    """(36, I, O) transformed weight -> its (36, O / 16, I, 16) column panels (O a multiple of 16),
+    the layout the kernel's own AVX-512 GEMM streams in order (same results, bitwise)."""
+    return u.reshape(u.shape[0], u.shape[1], u.shape[2] // 16, 16).permute(0, 2, 1, 3).contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_isa() -> str:
+    """The instruction set ddpm_fast._C's CPU kernels run ("avx512", "avx2", "baseline")."""
+    return _registry.extension()[0].cpu_isa()
+
+
 def _winograd_ok(x: torch.Tensor, weight: torch.Tensor, padding, stride, dilation, groups: int) -> bool:
     if not (_winograd and x.dtype == torch.float32 and weight.shape[2:] == (3, 3) and groups == 1
             and tuple(padding) == (1, 1) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
@@ -238,15 +250,18 @@ class FastConv:
 
     def _winograd(self, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
         """The cached Winograd weight of `weight` (the conv's, already _sync'ed), or, transposed,
-        that of its flipped, transposed kernel (for the input's gradient)."""
+        that of its flipped, transposed kernel (for the input's gradient); in column panels where
+        the kernel's AVX-512 GEMM takes them."""
         key = "winograd_t" if transposed else "winograd"
         transformed = self._packed.get(key)
         if transformed is None:
             if len(self._packed) >= MAX_SHAPES:
                 self._packed.clear()
             source = weight.detach()
-            transformed = self._packed[key] = winograd_weight(
-                source.flip(2, 3).transpose(0, 1) if transposed else source)
+            transformed = winograd_weight(source.flip(2, 3).transpose(0, 1) if transposed else source)
+            if transformed.shape[2] % 16 == 0 and _kernel_isa() == "avx512":
+                transformed = winograd_panels(transformed)
+            self._packed[key] = transformed
         return transformed
 
     def _run(self, kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -339,5 +354,6 @@ class FastLinear:
 if _registry.extension()[0] is not None:
     @torch.library.register_fake("ddpm_fast::winograd_conv3x3")
     def _fake_winograd_conv3x3(x, weight, bias, add):
-        return x.new_empty((x.shape[0], weight.shape[2], x.shape[2], x.shape[3])).contiguous(
+        out_channels = weight.shape[1] * 16 if weight.dim() == 4 else weight.shape[2]
+        return x.new_empty((x.shape[0], out_channels, x.shape[2], x.shape[3])).contiguous(
             memory_format=torch.channels_last)

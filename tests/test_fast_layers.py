@@ -8,8 +8,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import ddpm_fast._C
 from ddpm_fast import fast_layers
-from ddpm_fast.fast_layers import FastConv, FastLinear, interleave_phases, upsample_phase_weights, winograd_weight
+from ddpm_fast.fast_layers import (FastConv, FastLinear, interleave_phases, upsample_phase_weights, winograd_panels,
+                                   winograd_weight)
 from conftest import run_under_cpu_isa
 
 CL = torch.channels_last
@@ -177,6 +179,25 @@ def test_winograd_conv_matches_direct_conv(batch, cin, cout, height, width, thre
     assert_winograd_close(added, want + add.double())
 
 
+@pytest.mark.parametrize("cout", [16, 48, 64])
+def test_winograd_column_panels_give_the_same_result(cout):
+    """The (36, Cout / 16, Cin, 16) panel layout of the AVX-512 GEMM: bitwise the row-major
+    layout's result (the same products in the same order), Cout with and without a 16-column tail."""
+    x, w, b, add = winograd_case(2, 24, cout, 9, 14, seed=2)
+    u = winograd_weight(w)
+    panels = winograd_panels(u)
+    assert panels.shape == (36, cout // 16, 24, 16)
+    torch.testing.assert_close(panels[5, -1, 3], u[5, 3, cout - 16:], rtol=0, atol=0)
+    if ddpm_fast._C.cpu_isa() != "avx512":
+        with pytest.raises(RuntimeError, match="column-panel weight layout needs AVX-512"):
+            torch.ops.ddpm_fast.winograd_conv3x3(x, panels, b, add)
+        return
+    got = torch.ops.ddpm_fast.winograd_conv3x3(x, panels, b, add)
+    assert got.shape == (2, cout, 9, 14)
+    assert torch.equal(got, torch.ops.ddpm_fast.winograd_conv3x3(x, u, b, add))
+    assert_winograd_close(got, F.conv2d(x.double(), w.double(), b.double(), padding=1) + add.double())
+
+
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_winograd_conv_isa_variants(isa):
     """The AVX2 and baseline builds of the transforms (chosen at run time; this process runs the
@@ -185,10 +206,12 @@ def test_winograd_conv_isa_variants(isa):
         import torch, torch.nn.functional as F
         import ddpm_fast
         from ddpm_fast.fast_layers import winograd_weight
-        from test_fast_layers import winograd_case, assert_winograd_close
+        from test_fast_layers import (winograd_case, assert_winograd_close,
+                                      test_winograd_column_panels_give_the_same_result)
         x, w, b, add = winograd_case(2, 40, 24, 13, 18)
         got = torch.ops.ddpm_fast.winograd_conv3x3(x, winograd_weight(w), b, add)
         assert_winograd_close(got, F.conv2d(x.double(), w.double(), b.double(), padding=1) + add.double())
+        test_winograd_column_panels_give_the_same_result(48)  # refused below AVX-512
     """)
 
 
@@ -202,6 +225,7 @@ def test_winograd_conv_bad_input_names_the_argument():
         ((x.double().contiguous(memory_format=CL), u, b, None), "x must be float32"),
         ((x, u[:, :8].contiguous(), b, None), "weight must be the contiguous float32 (36, Cin, Cout)"),
         ((x, u.double(), b, None), "weight must be"),
+        ((x, u.reshape(36, 2, 16, 8), b, None), "panels of 16 columns"),
         ((x, u, b[:3], None), "bias must be a contiguous float32 (16,)"),
         ((x, u, b, add[:, :, :4]), "add must have the output's shape"),
         ((x, u, b, add.contiguous()), "add must be a 4-D channels_last"),
@@ -251,6 +275,8 @@ def test_fast_conv_takes_winograd_where_it_pays():
         got, calls = winograd_calls(lambda: runner.conv(conv, x, add=add))
         assert calls == 1
         assert_winograd_close(got, want)
+        # the AVX-512 GEMM's column panels where the kernel runs AVX-512
+        assert runner._packed["winograd"].dim() == (4 if ddpm_fast._C.cpu_isa() == "avx512" else 3)
         half = copy.deepcopy(conv).bfloat16()
         for module, inp in ((down, x), (thin, x), (conv, small), (half, x.bfloat16())):
             out, calls = winograd_calls(lambda: FastConv().conv(module, inp))

@@ -257,13 +257,13 @@ float* scratch(int64_t floats) {
 // contiguously (u stays in L1/L2 across the row blocks).
 template <int MR, int NV>
 __attribute__((target("arch=x86-64-v4,prefer-vector-width=512"), always_inline)) inline void gemm_block(
-    const float* a, const float* b, float* c, int64_t k_len, int64_t lda, int64_t ldb, int64_t ldc) {
+    const float* a, const float* b, float* c, int64_t k_len, int64_t lda, int64_t ldb, int64_t ldc, int64_t jstride) {
   __m512 acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int64_t k = 0; k < k_len; ++k) {
     __m512 bv[NV];
-    for (int j = 0; j < NV; ++j) bv[j] = _mm512_loadu_ps(b + k * ldb + 16 * j);
+    for (int j = 0; j < NV; ++j) bv[j] = _mm512_loadu_ps(b + k * ldb + j * jstride);
     for (int i = 0; i < MR; ++i) {
       const __m512 av = _mm512_set1_ps(a[i * lda + k]);
       for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
@@ -275,31 +275,38 @@ __attribute__((target("arch=x86-64-v4,prefer-vector-width=512"), always_inline))
 
 template <int NV>
 __attribute__((target("arch=x86-64-v4,prefer-vector-width=512"))) void gemm_columns(
-    const float* a, const float* b, float* c, int64_t rows, int64_t k_len, int64_t lda, int64_t ldb, int64_t ldc) {
+    const float* a, const float* b, float* c, int64_t rows, int64_t k_len, int64_t lda, int64_t ldb, int64_t ldc,
+    int64_t jstride) {
   int64_t i = 0;
-  for (; i + 8 <= rows; i += 8) gemm_block<8, NV>(a + i * lda, b, c + i * ldc, k_len, lda, ldb, ldc);
+  for (; i + 8 <= rows; i += 8) gemm_block<8, NV>(a + i * lda, b, c + i * ldc, k_len, lda, ldb, ldc, jstride);
   switch (rows - i) {  // the last rows, one block
-    case 7: gemm_block<7, NV>(a + i * lda, b, c + i * ldc, k_len, lda, ldb, ldc); break;
-    case 6: gemm_block<6, NV>(a + i * lda, b, c + i * ldc, k_len, lda, ldb, ldc); break;
-    case 5: gemm_block<5, NV>(a + i * lda, b, c + i * ldc, k_len, lda, ldb, ldc); break;
-    case 4: gemm_block<4, NV>(a + i * lda, b, c + i * ldc, k_len, lda, ldb, ldc); break;
-    case 3: gemm_block<3, NV>(a + i * lda, b, c + i * ldc, k_len, lda, ldb, ldc); break;
-    case 2: gemm_block<2, NV>(a + i * lda, b, c + i * ldc, k_len, lda, ldb, ldc); break;
-    case 1: gemm_block<1, NV>(a + i * lda, b, c + i * ldc, k_len, lda, ldb, ldc); break;
+    case 7: gemm_block<7, NV>(a + i * lda, b, c + i * ldc, k_len, lda, ldb, ldc, jstride); break;
+    case 6: gemm_block<6, NV>(a + i * lda, b, c + i * ldc, k_len, lda, ldb, ldc, jstride); break;
+    case 5: gemm_block<5, NV>(a + i * lda, b, c + i * ldc, k_len, lda, ldb, ldc, jstride); break;
+    case 4: gemm_block<4, NV>(a + i * lda, b, c + i * ldc, k_len, lda, ldb, ldc, jstride); break;
+    case 3: gemm_block<3, NV>(a + i * lda, b, c + i * ldc, k_len, lda, ldb, ldc, jstride); break;
+    case 2: gemm_block<2, NV>(a + i * lda, b, c + i * ldc, k_len, lda, ldb, ldc, jstride); break;
+    case 1: gemm_block<1, NV>(a + i * lda, b, c + i * ldc, k_len, lda, ldb, ldc, jstride); break;
     default: break;
   }
 }
 
 // The 36 products of a chunk of `count` tiles: v (36, count, Cin), u (36, Cin, Cout), m (36,
-// count, Cout).
-void gemm36_avx512(const float* v, const float* u, float* m, int64_t count, int64_t cin, int64_t cout) {
+// count, Cout). u's matrices are row-major, or with `panels` stored as (Cout / 16, Cin, 16): the
+// row-major (Cin, 16) panels of 16 columns one after the other (fast_layers.winograd_panels). A
+// register block reads two panels as two sequential streams; from row-major matrices it reads
+// 128 bytes of every 4 * Cout, which is slower once u no longer sits in the cache (in a network,
+// where each convolution's transformed weight comes from memory).
+void gemm36_avx512(const float* v, const float* u, float* m, int64_t count, int64_t cin, int64_t cout, bool panels) {
   for (int k = 0; k < kPoints; ++k) {
     const float* a = v + k * point_stride(count, cin);
     const float* b = u + k * cin * cout;
     float* c = m + k * point_stride(count, cout);
     int64_t n = 0;
-    for (; n + 32 <= cout; n += 32) gemm_columns<2>(a, b + n, c + n, count, cin, cin, cout, cout);
-    if (n < cout) gemm_columns<1>(a, b + n, c + n, count, cin, cin, cout, cout);  // cout % 32 == 16
+    const float* bn = b;  // columns [n, n + 32)
+    const int64_t ldb = panels ? 16 : cout, jstride = panels ? 16 * cin : 16;
+    for (; n + 32 <= cout; n += 32, bn += 2 * jstride) gemm_columns<2>(a, bn, c + n, count, cin, cin, ldb, cout, jstride);
+    if (n < cout) gemm_columns<1>(a, bn, c + n, count, cin, cin, ldb, cout, jstride);  // cout % 32 == 16
   }
 }
 
@@ -314,17 +321,23 @@ void check_float_channels_last(const at::Tensor& t, const char* name) {
 at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                 const c10::optional<at::Tensor>& add) {
   check_float_channels_last(x, "x");
-  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() == 3 &&
-                  weight.size(0) == kPoints && weight.size(1) == x.size(1) && weight.is_contiguous(),
-              "winograd_conv3x3: weight must be the contiguous float32 (36, Cin, Cout) transformed weight with Cin = ",
-              x.size(1), " (ddpm_fast.fast_layers.winograd_weight), got ", weight.scalar_type(), " ", weight.sizes());
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
+                  ((weight.dim() == 3 && weight.size(0) == kPoints && weight.size(1) == x.size(1)) ||
+                   (weight.dim() == 4 && weight.size(0) == kPoints && weight.size(2) == x.size(1))),
+              "winograd_conv3x3: weight must be the contiguous float32 (36, Cin, Cout) transformed weight (or its ",
+              "(36, Cout / 16, Cin, 16) column panels) with Cin = ", x.size(1),
+              " (ddpm_fast.fast_layers.winograd_weight), got ", weight.scalar_type(), " ", weight.sizes());
   TORCH_CHECK(x.size(1) > 0, "winograd_conv3x3: x must have at least one channel, got shape ", x.sizes());
+  const bool panels = weight.dim() == 4;
+  TORCH_CHECK(!panels || (weight.size(3) == 16 && cpu_isa::level() == cpu_isa::kAvx512),
+              "winograd_conv3x3: the column-panel weight layout needs AVX-512 (DDPM_FAST_CPU_ISA caps it here: ",
+              cpu_isa::name(), ") and panels of 16 columns, got ", weight.sizes());
   Geometry g{};
   g.batch = x.size(0);
   g.cin = x.size(1);
   g.height = x.size(2);
   g.width = x.size(3);
-  g.cout = weight.size(2);
+  g.cout = panels ? weight.size(1) * 16 : weight.size(2);
   g.tiles_h = (g.height + kTile - 1) / kTile;
   g.tiles_w = (g.width + kTile - 1) / kTile;
   g.tiles = g.batch * g.tiles_h * g.tiles_w;
@@ -382,7 +395,7 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, c
                                    x.options());
       input(a, t0, count, v_buf);
       if (own_gemm) {
-        gemm36_avx512(v_buf, weight.data_ptr<float>(), m_buf, count, g.cin, g.cout);
+        gemm36_avx512(v_buf, weight.data_ptr<float>(), m_buf, count, g.cin, g.cout, panels);
       } else {
         at::bmm_out(m, v, weight);
       }
