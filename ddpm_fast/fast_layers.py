@@ -286,11 +286,11 @@ class FastConv:
 
     def conv(self, conv: nn.Conv2d, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """conv(x) [+ add] (add shaped like the output)."""
-        if _records_grad(conv.weight, conv.bias, x, add) and _winograd_autograd_ok(x, conv, add):
+        records = _records_grad(conv.weight, conv.bias, x, add)
+        if records and _winograd_autograd_ok(x, conv, add):
             self._sync(conv.weight, conv.bias)
             return WinogradConv.apply(x, conv.weight, conv.bias, add, self)
-        if _records_grad(conv.weight, conv.bias, x, add) or conv.padding_mode != "zeros" \
-                or isinstance(conv.padding, str):
+        if records or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             out = conv(x)
             return out if add is None else add + out
         self._sync(conv.weight, conv.bias)

@@ -243,19 +243,24 @@ def test_winograd_conv_opcheck():
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
-def winograd_calls(fn) -> tuple[object, int]:
-    """fn()'s result and how many ddpm_fast::winograd_conv3x3 calls it made."""
-    calls = 0
+def dispatched(fn) -> tuple[object, list]:
+    """fn()'s result and the ops (OpOverloads) it dispatched, in order."""
+    seen = []
 
-    class Count(torch.utils._python_dispatch.TorchDispatchMode):
+    class Record(torch.utils._python_dispatch.TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            nonlocal calls
-            calls += func is torch.ops.ddpm_fast.winograd_conv3x3.default
+            seen.append(func)
             return func(*args, **(kwargs or {}))
 
-    with Count():
+    with Record():
         out = fn()
-    return out, calls
+    return out, seen
+
+
+def winograd_calls(fn) -> tuple[object, int]:
+    """fn()'s result and how many ddpm_fast::winograd_conv3x3 calls it made."""
+    out, seen = dispatched(fn)
+    return out, seen.count(torch.ops.ddpm_fast.winograd_conv3x3.default)
 
 
 def test_fast_conv_takes_winograd_where_it_pays():
@@ -321,16 +326,8 @@ def test_winograd_under_autograd_matches_plain_gradients():
         assert got.shape == expect.shape
         assert_winograd_close(got, expect)
 
-    seen = []
-
-    class Record(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(func)
-            return func(*args, **(kwargs or {}))
-
     out = runner.conv(conv, x)
-    with Record():
-        (gx,) = torch.autograd.grad(out.square().sum(), x)
+    (gx,), seen = dispatched(lambda: torch.autograd.grad(out.square().sum(), x))
     assert torch.ops.aten.convolution_backward.default not in seen
     assert seen.count(torch.ops.ddpm_fast.winograd_conv3x3.default) == 1
     x64 = x.detach().double().requires_grad_(True)

@@ -5,14 +5,15 @@
 //
 // Each 4x4 output tile is A^T [ (G g G^T) .* (B^T d B) ] A of the tile's 6x6 input patch d (zero
 // outside the image) and the 3x3 kernel g, points 0, +-1, +-2, inf. Per tile and input channel the
-// input transform gives 36 values; the 36 (tile, Cin) x (Cin, Cout) products are one batched GEMM
-// (at::bmm, the BLAS) against the transformed weight U = G g G^T, (36, Cin, Cout), computed once
-// in float64 by the caller (ddpm_fast.fast_layers.winograd_weight); the output transform A^T m A,
+// input transform gives 36 values; the 36 (tile, Cin) x (Cin, Cout) products are GEMMs (this
+// file's AVX-512 kernel where the CPU has it and Cout % 16 == 0, else BLAS's batched GEMM) against
+// the transformed weight U = G g G^T, (36, Cin, Cout) or its column panels, computed once in
+// float64 by the caller (ddpm_fast.fast_layers.winograd_weight); the output transform A^T m A,
 // + bias + add, writes the 4x4 tile. That is 36 instead of 144 multiply-adds per tile, channel
 // pair (4x fewer) for the GEMM; the transforms are additions over channel vectors.
 //
 // The tiles run in chunks (each chunk's transformed input and GEMM output stay in the cache);
-// chunks are spread over at::parallel_for (one buffer pair per thread). Transforms are vectorised
+// chunks are spread over at::parallel_for (a scratch buffer per thread). Transforms are vectorised
 // along C (channels_last puts C innermost), compiled for AVX-512, AVX2 and the baseline (chosen at
 // run time by cpu_isa.h).
 //
@@ -30,6 +31,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+#define DDPM_WINO_X86 1  // the AVX-512 / AVX2 builds of the transforms and the AVX-512 GEMM
 #endif
 
 // The vector helpers below are always inlined into functions compiled for the vector ISA: the ABI
@@ -216,23 +218,8 @@ DDPM_WINO_INLINE void output_transform(const Args& a, int64_t t0, int64_t count,
 using Transform = void (*)(const Args&, int64_t, int64_t, float*);
 using OutTransform = void (*)(const Args&, int64_t, int64_t, const float*);
 
-__attribute__((target("arch=x86-64-v4,prefer-vector-width=512"))) void input_avx512(const Args& a, int64_t t0,
-                                                                                     int64_t count, float* v) {
-  input_transform<16>(a, t0, count, v);
-}
-__attribute__((target("arch=x86-64-v3"))) void input_avx2(const Args& a, int64_t t0, int64_t count, float* v) {
-  input_transform<8>(a, t0, count, v);
-}
 void input_baseline(const Args& a, int64_t t0, int64_t count, float* v) { input_transform<4>(a, t0, count, v); }
 
-__attribute__((target("arch=x86-64-v4,prefer-vector-width=512"))) void output_avx512(const Args& a, int64_t t0,
-                                                                                      int64_t count, const float* m) {
-  output_transform<16>(a, t0, count, m);
-}
-__attribute__((target("arch=x86-64-v3"))) void output_avx2(const Args& a, int64_t t0, int64_t count,
-                                                           const float* m) {
-  output_transform<8>(a, t0, count, m);
-}
 void output_baseline(const Args& a, int64_t t0, int64_t count, const float* m) {
   output_transform<4>(a, t0, count, m);
 }
@@ -247,6 +234,24 @@ float* scratch(int64_t floats) {
     buffer.resize(floats);
   }
   return buffer.data();
+}
+
+#ifdef DDPM_WINO_X86
+__attribute__((target("arch=x86-64-v4,prefer-vector-width=512"))) void input_avx512(const Args& a, int64_t t0,
+                                                                                     int64_t count, float* v) {
+  input_transform<16>(a, t0, count, v);
+}
+__attribute__((target("arch=x86-64-v3"))) void input_avx2(const Args& a, int64_t t0, int64_t count, float* v) {
+  input_transform<8>(a, t0, count, v);
+}
+
+__attribute__((target("arch=x86-64-v4,prefer-vector-width=512"))) void output_avx512(const Args& a, int64_t t0,
+                                                                                      int64_t count, const float* m) {
+  output_transform<16>(a, t0, count, m);
+}
+__attribute__((target("arch=x86-64-v3"))) void output_avx2(const Args& a, int64_t t0, int64_t count,
+                                                           const float* m) {
+  output_transform<8>(a, t0, count, m);
 }
 
 // ---- The 36 GEMMs with AVX-512 -----------------------------------------------------------------
@@ -309,6 +314,7 @@ void gemm36_avx512(const float* v, const float* u, float* m, int64_t count, int6
     if (n < cout) gemm_columns<1>(a, bn, c + n, count, cin, cin, ldb, cout, jstride);  // cout % 32 == 16
   }
 }
+#endif  // DDPM_WINO_X86
 
 void check_float_channels_last(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "winograd_conv3x3: ", name, " must be a CPU tensor, got ", t.device());
@@ -361,10 +367,13 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, c
 
   Transform input = input_baseline;
   OutTransform output = output_baseline;
+  bool own_gemm = false;  // the AVX-512 GEMM, else BLAS's batched one
+#ifdef DDPM_WINO_X86
   switch (cpu_isa::level()) {
     case cpu_isa::kAvx512:
       input = input_avx512;
       output = output_avx512;
+      own_gemm = g.cout % 16 == 0;
       break;
     case cpu_isa::kAvx2:
       input = input_avx2;
@@ -373,8 +382,7 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, c
     default:
       break;
   }
-
-  const bool own_gemm = cpu_isa::level() == cpu_isa::kAvx512 && g.cout % 16 == 0;
+#endif
 
   // Tiles per chunk: ~kChunkFloats of transformed input, at least 16 tiles (GEMM rows), and enough
   // chunks to give every thread one.
@@ -390,14 +398,18 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, c
     float* m_buf = v_buf + kPoints * point_stride(per_chunk, g.cin);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t t0 = chunk * per_chunk, count = std::min(per_chunk, g.tiles - t0);
-      at::Tensor v = at::from_blob(v_buf, {kPoints, count, g.cin}, {point_stride(count, g.cin), g.cin, 1}, x.options());
-      at::Tensor m = at::from_blob(m_buf, {kPoints, count, g.cout}, {point_stride(count, g.cout), g.cout, 1},
-                                   x.options());
       input(a, t0, count, v_buf);
+#ifdef DDPM_WINO_X86
       if (own_gemm) {
         gemm36_avx512(v_buf, weight.data_ptr<float>(), m_buf, count, g.cin, g.cout, panels);
-      } else {
-        at::bmm_out(m, v, weight);
+      } else
+#endif
+      {
+        at::Tensor m = at::from_blob(m_buf, {kPoints, count, g.cout}, {point_stride(count, g.cout), g.cout, 1},
+                                     x.options());
+        at::bmm_out(m, at::from_blob(v_buf, {kPoints, count, g.cin}, {point_stride(count, g.cin), g.cin, 1},
+                                     x.options()),
+                    weight);
       }
       output(a, t0, count, m_buf);
     }
